@@ -1,0 +1,284 @@
+"""The routed-expert layer: stacked ``[E, out, in]`` weights and its backends.
+
+``MoEExperts`` takes the router's output from outside (as the seeds do):
+``y = experts(x, topk_weights, topk_ids)`` with ``x [..., H]`` and
+``topk_weights, topk_ids [..., k]``. Parameter names (``gate_proj``, ``up_proj``,
+``down_proj`` with ``weight``/``scales``/``biases``/``bias``) match mlx-lm's
+``SwitchGLU`` so saved folders load in mlx-lm and mlx-swift unchanged.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .activations import get_activation
+
+# (token, expert) pair count from which tokens are sorted by expert; mlx-lm's value.
+SORT_THRESHOLD = 64
+
+
+class ExpertLinear(nn.Module):
+    """``E`` float linear layers stacked as ``weight [E, out, in]``."""
+
+    def __init__(self, input_dims, output_dims, num_experts, bias=False):
+        super().__init__()
+        scale = math.sqrt(1 / input_dims)
+        self.weight = mx.random.uniform(
+            -scale, scale, (num_experts, output_dims, input_dims)
+        )
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+
+    @property
+    def num_experts(self):
+        return self.weight.shape[0]
+
+    @property
+    def output_dims(self):
+        return self.weight.shape[1]
+
+    @property
+    def input_dims(self):
+        return self.weight.shape[2]
+
+    def expert_weight(self, e):
+        return self.weight[e]
+
+    def __call__(self, x, indices, sorted_indices=False):
+        y = mx.gather_mm(
+            x,
+            self["weight"].swapaxes(-1, -2),
+            rhs_indices=indices,
+            sorted_indices=sorted_indices,
+        )
+        return _add_bias(self, y, indices)
+
+    def to_quantized(self, group_size=64, bits=4, mode="affine", **_):
+        q = QuantizedExpertLinear.__new__(QuantizedExpertLinear)
+        nn.Module.__init__(q)
+        q.group_size, q.bits, q.mode = group_size, bits, mode
+        q.set_weight(self.weight)
+        if "bias" in self:
+            q.bias = self.bias
+        q.freeze()
+        return q
+
+
+class QuantizedExpertLinear(nn.Module):
+    """``E`` quantized linear layers (MLX quantization: affine, mxfp4, nvfp4, mxfp8)."""
+
+    def __init__(
+        self,
+        input_dims,
+        output_dims,
+        num_experts,
+        bias=False,
+        group_size=64,
+        bits=4,
+        mode="affine",
+    ):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.set_weight(mx.zeros((num_experts, output_dims, input_dims)))
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+        self.freeze()
+
+    def set_weight(self, w):
+        self.weight, self.scales, *biases = mx.quantize(
+            w, self.group_size, self.bits, mode=self.mode
+        )
+        self.biases = biases[0] if biases else None
+
+    @property
+    def num_experts(self):
+        return self.weight.shape[0]
+
+    @property
+    def output_dims(self):
+        return self.weight.shape[1]
+
+    @property
+    def input_dims(self):
+        return self.weight.shape[2] * 32 // self.bits
+
+    def expert_weight(self, e):
+        return mx.dequantize(
+            self.weight[e],
+            self.scales[e],
+            None if self.biases is None else self.biases[e],
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+    def __call__(self, x, indices, sorted_indices=False):
+        y = mx.gather_qmm(
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+        return _add_bias(self, y, indices)
+
+
+def _add_bias(layer, y, indices):
+    if "bias" in layer:
+        y = y + mx.expand_dims(layer["bias"][indices], -2)
+    return y
+
+
+def combine(y, weights):
+    """Weighted top-k sum ``[..., k, H] x [..., k] -> [..., H]`` accumulated in float32."""
+    out = (y.astype(mx.float32) * weights[..., None].astype(mx.float32)).sum(axis=-2)
+    return out
+
+
+# ---------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    """A way to run ``MoEExperts``: ``run(experts, x, weights, ids) -> y [..., H]``.
+
+    ``available(experts, x, ids)`` says whether it can run this call here; ``auto``
+    picks the first available backend in ``AUTO_ORDER``.
+    """
+
+    run: Callable
+    available: Callable = lambda experts, x, ids: True
+
+
+BACKENDS: Dict[str, Backend] = {}
+AUTO_ORDER = ["fused", "gather"]
+
+
+def register_backend(name: str, backend: Backend):
+    BACKENDS[name] = backend
+
+
+def _gather_sort(x, indices):
+    *_, k = indices.shape
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    inv_order = mx.argsort(order)
+    return x.flatten(0, -3)[order // k], flat[order], inv_order
+
+
+def run_gather(experts, x, weights, ids):
+    """``gather_mm``/``gather_qmm`` over all (token, expert) pairs, sorted when many."""
+    x = mx.expand_dims(x, (-2, -3))
+    ids = mx.stop_gradient(ids)
+    do_sort = ids.size >= experts.sort_threshold
+    idx, inv_order = ids, None
+    if do_sort:
+        x, idx, inv_order = _gather_sort(x, ids)
+    h = experts.activation(
+        experts.gate_proj(x, idx, sorted_indices=do_sort),
+        experts.up_proj(x, idx, sorted_indices=do_sort),
+    )
+    y = experts.down_proj(h, idx, sorted_indices=do_sort)
+    if do_sort:
+        y = mx.unflatten(y[inv_order], 0, ids.shape)
+    return combine(y.squeeze(-2), weights)
+
+
+def run_loop(experts, x, weights, ids):
+    """Per-expert reference: dense matmuls on each expert's tokens, scatter-added.
+
+    This is the oracle, so it checks ids on the host (it is never a hot path).
+    """
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    ids_np = np.array(ids.reshape(x.shape[0], -1))
+    w = weights.reshape(x.shape[0], -1).astype(mx.float32)
+    E = experts.num_experts
+    bad = (ids_np < 0) | (ids_np >= E)
+    if bad.any():
+        raise ValueError(
+            f"expert id {int(ids_np[bad][0])} out of range [0, {E}) in topk_ids"
+        )
+    out = mx.zeros((x.shape[0], shape[-1]), dtype=mx.float32)
+    for e in np.unique(ids_np):
+        rows, slots = np.nonzero(ids_np == e)
+        xe = x[mx.array(rows)]
+        h = experts.activation(
+            _dense(experts.gate_proj, e, xe), _dense(experts.up_proj, e, xe)
+        )
+        ye = _dense(experts.down_proj, e, h).astype(mx.float32)
+        out = out.at[mx.array(rows)].add(ye * w[mx.array(rows), mx.array(slots)][:, None])
+    return out.reshape(*shape[:-1], shape[-1])
+
+
+def _dense(layer, e, x):
+    y = x @ layer.expert_weight(int(e)).T.astype(x.dtype)
+    if "bias" in layer:
+        y = y + layer["bias"][int(e)]
+    return y
+
+
+register_backend("gather", Backend(run_gather))
+register_backend("loop", Backend(run_loop))
+
+
+class MoEExperts(nn.Module):
+    """``num_experts`` gated MLP experts: ``down(act(gate(x), up(x)))``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        input_dims: int,
+        hidden_dims: int,
+        activation: str = "silu",
+        bias: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.gate_proj = ExpertLinear(input_dims, hidden_dims, num_experts, bias)
+        self.up_proj = ExpertLinear(input_dims, hidden_dims, num_experts, bias)
+        self.down_proj = ExpertLinear(hidden_dims, input_dims, num_experts, bias)
+        self.activation_name, self.activation = get_activation(activation)
+        self.backend = backend
+        self.sort_threshold = SORT_THRESHOLD
+
+    @property
+    def num_experts(self):
+        return self.gate_proj.num_experts
+
+    @property
+    def hidden_dims(self):
+        return self.gate_proj.output_dims
+
+    @property
+    def quantized(self) -> Optional[dict]:
+        p = self.gate_proj
+        if isinstance(p, QuantizedExpertLinear):
+            return {"group_size": p.group_size, "bits": p.bits, "mode": p.mode}
+        return None
+
+    def select_backend(self, x, ids) -> str:
+        if self.backend != "auto":
+            if self.backend not in BACKENDS:
+                raise ValueError(
+                    f"Unknown MoE backend '{self.backend}'; available: {sorted(BACKENDS)}"
+                )
+            return self.backend
+        for name in AUTO_ORDER:
+            b = BACKENDS.get(name)
+            if b is not None and b.available(self, x, ids):
+                return name
+        return "gather"
+
+    def __call__(self, x, weights, ids):
+        name = self.select_backend(x, ids)
+        return BACKENDS[name].run(self, x, weights, ids).astype(x.dtype)
