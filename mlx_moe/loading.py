@@ -1,0 +1,280 @@
+"""Streaming, quantize-on-load model loading.
+
+The model skeleton is built lazily (no memory), its modules are swapped for
+quantized ones according to the plan, then the checkpoint is read one decoder
+layer at a time: experts are stacked, quantized and evaluated, and the source
+tensors released before the next layer. Peak memory stays near the final
+quantized size plus one layer's source tensors.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .experts import MoEExperts
+from .formats import ExpertContext, dequantize_fp8_rest, extract_experts
+from .models import MoEBlock, build_model
+from .models.base import Architecture
+from .quantization import (
+    QuantizedTensor,
+    QuantSpec,
+    apply_plan,
+    config_entry,
+    is_quantized,
+    module_params,
+    plan_quantization,
+)
+from .safetensors_io import Checkpoint, CheckpointError
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+def resolve_path(path_or_repo) -> Path:
+    """A local folder, or a Hugging Face repo id downloaded to the local cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types; all mean "not available"
+        raise FileNotFoundError(
+            f"'{path_or_repo}' is neither a local folder nor a downloadable Hugging Face repo ({e})"
+        ) from None
+
+
+def load_config(folder: Path) -> dict:
+    f = folder / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    config = json.loads(f.read_text())
+    # Multimodal wrappers keep the LM config under text_config.
+    if "model_type" not in config and "text_config" in config:
+        config = {**config["text_config"], **{k: v for k, v in config.items() if k != "text_config"}}
+    return config
+
+
+def _expert_modules(model):
+    """Paths of the quantizable projections inside routed-expert layers."""
+    return {
+        f"{path}.{proj}"
+        for path, m in model.named_modules()
+        if isinstance(m, MoEExperts)
+        for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+
+
+def plan(model, config: dict, ckpt: Checkpoint, spec: Optional[QuantSpec]):
+    """Decide each module's quantization; return ``(plan, config to save)``."""
+    config = dict(config)
+    qcfg = config.get("quantization_config") or {}
+    method = qcfg.get("quant_method")
+    if "quantization" in config:
+        # An mlx-format folder: rebuild exactly what was saved (mlx-lm's rule).
+        if spec is not None:
+            raise ValueError(
+                f"The checkpoint is already quantized ({config['quantization']}); load it "
+                "without quantize, or convert from the original weights."
+            )
+        q = config["quantization"]
+        default = {k: q[k] for k in ("group_size", "bits") if k in q} | {"mode": q.get("mode", "affine")}
+        result = {}
+        for path, m in model.named_modules():
+            if not hasattr(m, "to_quantized"):
+                continue
+            if isinstance(q.get(path), dict):
+                result[path] = {**default, **q[path]}
+            elif f"{path}.scales" in ckpt:
+                result[path] = default
+        return result, config
+
+    config.pop("quantization_config", None)  # fp8 / mxfp4 sources are rewritten below
+    result = plan_quantization(model, spec) if spec else {}
+    if method == "mxfp4":
+        keep = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+        if spec is None or spec.params() == keep:
+            result.update({p: keep for p in _expert_modules(model)})
+            spec = spec or QuantSpec(4, 32, "mxfp4")
+    elif method not in (None, "fp8"):
+        raise ValueError(f"Unsupported checkpoint quantization method '{method}'")
+    if result:
+        config["quantization"] = config_entry(spec, result)
+        config["quantization_config"] = config["quantization"]
+    return result, config
+
+
+class StreamingLoader:
+    """Moves one decoder layer at a time from the checkpoint into the model."""
+
+    def __init__(self, model, arch: Architecture, config: dict, ckpt: Checkpoint):
+        self.model, self.arch, self.config, self.ckpt = model, arch, config, ckpt
+        self.modules = dict(model.named_modules())
+        self.expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+        self.loaded = set()
+        block = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+        self.fp8_block = tuple(block)
+
+    def units(self):
+        """Checkpoint names grouped by decoder layer (``None`` for the rest)."""
+        groups: Dict[Optional[int], list] = {}
+        for name in self.ckpt.names():
+            m = LAYER_RE.match(name)
+            groups.setdefault(int(m.group(1)) if m else None, []).append(name)
+        n_layers = len(self.model.layers)
+        # Layers past the model (e.g. DeepSeek's multi-token-prediction layer) are not ours.
+        return [(k, groups[k]) for k in sorted(groups, key=lambda k: -1 if k is None else k) if k is None or k < n_layers]
+
+    def run(self, progress=True):
+        units = self.units()
+        try:
+            from tqdm import tqdm
+
+            units = tqdm(units, desc="Loading", unit="layer", disable=not progress)
+        except ImportError:
+            pass
+        for layer, names in units:
+            self.load_unit(layer, names)
+            self.ckpt.release()
+            mx.clear_cache()
+        missing = sorted(set(self.expected) - self.loaded)
+        if missing:
+            raise CheckpointError(
+                f"{self.ckpt.folder}: {len(missing)} model tensors not found in the checkpoint: "
+                + ", ".join(missing[:20])
+                + (" ..." if len(missing) > 20 else "")
+            )
+
+    def load_unit(self, layer, names):
+        rest = set(names)
+        if layer is not None:
+            block = getattr(self.model.layers[layer], self.arch.moe_attr)
+            if isinstance(block, MoEBlock):
+                rest -= self.load_experts(layer, block, names)
+        tensors = {n: self.ckpt.get(n) for n in sorted(rest)}
+        tensors = dequantize_fp8_rest(tensors, self.fp8_block)
+        if hasattr(self.model, "sanitize"):
+            tensors = self.model.sanitize(tensors)
+        self.place_all(tensors)
+
+    def load_experts(self, layer, block, names):
+        prefix = f"model.layers.{layer}."
+        rel = {n[len(prefix):] for n in names}
+        experts = block.routed
+        layout = self.arch.layout
+        ctx = ExpertContext(
+            layer=layer,
+            names=rel,
+            get=lambda n: self.ckpt.get(prefix + n),
+            shape=lambda n: self.ckpt.shapes[prefix + n],
+            ours=self.arch.experts_prefix,
+            containers=layout.hf_containers + ("moe.experts", "moe"),
+            proj_names=layout.proj_names,
+            num_experts=experts.num_experts,
+            hidden=experts.down_proj.output_dims,
+            intermediate=experts.hidden_dims,
+            orientation=layout.stacked_orientation,
+            gate_up=layout.gate_up,
+            fp8_block=self.fp8_block,
+        )
+        values = extract_experts(ctx)
+        base = prefix + self.arch.experts_prefix
+        # One projection at a time keeps only one stacked source tensor alive.
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            self.place_all({f"{base}.{k}": v for k, v in values.items() if k.startswith(proj + ".")})
+            for k in [k for k in values if k.startswith(proj + ".")]:
+                del values[k]
+        return {prefix + n for n in ctx.consumed}
+
+    def place_all(self, tensors):
+        placed = []
+        for name, value in tensors.items():
+            placed += self.place(name, value, tensors)
+        mx.eval(placed)
+
+    def place(self, name, value, unit):
+        path, attr = name.rsplit(".", 1)
+        module = self.modules.get(path)
+        if module is None:
+            raise CheckpointError(
+                f"{self.ckpt.folder}: checkpoint tensor '{name}' has no place in the "
+                f"{self.config.get('model_type')} model"
+            )
+        quantize_here = is_quantized(module) and attr == "weight" and f"{path}.scales" not in unit
+        if isinstance(value, QuantizedTensor):
+            if quantize_here and value.params == module_params(module):
+                return self._set(module, path, {"weight": value.weight, "scales": value.scales, "biases": value.biases})
+            value = value.dequantize()
+        if quantize_here:
+            p = module_params(module)
+            w, scales, *biases = mx.quantize(value, p["group_size"], p["bits"], mode=p["mode"])
+            return self._set(module, path, {"weight": w, "scales": scales, "biases": biases[0] if biases else None})
+        return self._set(module, path, {attr: value})
+
+    def _set(self, module, path, arrays):
+        out = []
+        for attr, arr in arrays.items():
+            if arr is None:
+                continue
+            name = f"{path}.{attr}"
+            want = self.expected.get(name)
+            if want is None:
+                raise CheckpointError(f"{self.ckpt.folder}: tensor '{name}' has no place in the model")
+            if tuple(arr.shape) != tuple(want):
+                raise CheckpointError(
+                    f"{self.ckpt.folder}: tensor '{name}' has shape {list(arr.shape)}, "
+                    f"expected {list(want)}"
+                )
+            module[attr] = arr
+            self.loaded.add(name)
+            out.append(arr)
+        return out
+
+
+def load_model(
+    path_or_repo=None,
+    quantize=None,
+    backend: str = "auto",
+    progress: bool = False,
+):
+    """Load a model, quantizing while streaming if ``quantize`` is given.
+
+    ``quantize``: None (keep the checkpoint's precision) or e.g.
+    ``{"bits": 4, "group_size": 64, "mode": "affine"}``. Returns ``(model, config)``
+    where ``config`` is what a converted folder's config.json should hold.
+    """
+    folder = resolve_path(path_or_repo or DEFAULT_MODEL)
+    config = load_config(folder)
+    spec = QuantSpec.parse(quantize)
+    ckpt = Checkpoint(folder)
+    model, arch = build_model(config)
+    module_plan, config = plan(model, config, ckpt, spec)
+    apply_plan(model, module_plan)
+    set_backend(model, backend)
+    StreamingLoader(model, arch, config, ckpt).run(progress)
+    model.eval()
+    return model, config
+
+
+def set_backend(model: nn.Module, backend: str):
+    for _, m in model.named_modules():
+        if isinstance(m, MoEExperts):
+            m.backend = backend
+
+
+def load(path_or_repo=None, quantize=None, backend="auto", progress=True):
+    """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=...)``."""
+    from mlx_lm.utils import load_tokenizer
+
+    folder = resolve_path(path_or_repo or DEFAULT_MODEL)
+    model, config = load_model(folder, quantize=quantize, backend=backend, progress=progress)
+    eos = config.get("eos_token_id")
+    tokenizer = load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    return model, tokenizer
