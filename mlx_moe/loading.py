@@ -214,8 +214,14 @@ class StreamingLoader:
             value = value.dequantize()
         if quantize_here:
             p = module_params(module)
-            w, scales, *biases = mx.quantize(value, p["group_size"], p["bits"], mode=p["mode"])
+            parts = value if isinstance(value, list) else [value]
+            qs = [mx.quantize(v, p["group_size"], p["bits"], mode=p["mode"]) for v in parts]
+            if isinstance(value, list):  # per-expert sources: quantize, then stack
+                qs = [[mx.stack(t) for t in zip(*qs)]]
+            w, scales, *biases = qs[0]
             return self._set(module, path, {"weight": w, "scales": scales, "biases": biases[0] if biases else None})
+        if isinstance(value, list):
+            value = mx.stack(value)
         return self._set(module, path, {attr: value})
 
     def _set(self, module, path, arrays):

@@ -111,11 +111,14 @@ class Checkpoint:
         return name in self.shapes
 
     def get(self, name) -> mx.array:
-        """A lazy array for ``name``: nothing is read until it is evaluated."""
+        """A lazy array for ``name``: nothing is read until it is evaluated.
+
+        The handle is not kept, so the data is freed as soon as the caller drops it.
+        """
         f = self._file_of[name]
-        if f not in self._open:
+        if name not in self._open.get(f, ()):
             self._open[f] = mx.load(str(f))
-        return self._open[f][name]
+        return self._open[f].pop(name)
 
     def release(self):
         """Drop the lazy file handles so evaluated tensors can be freed."""

@@ -1,5 +1,8 @@
 """One tensor per expert: ``{container}.{e}.{proj}.weight`` (HF standard;
-Mixtral's ``w1/w3/w2``), optionally FP8 with ``weight_scale_inv``. Stacked here."""
+Mixtral's ``w1/w3/w2``), optionally FP8 with ``weight_scale_inv``.
+
+Weights are returned as per-expert lists: the loader quantizes each expert before
+stacking, so a layer's bf16 experts never exist as one tensor."""
 
 import mlx.core as mx
 
@@ -34,7 +37,7 @@ def extract(ctx):
             if f"{name}_scale_inv" in ctx.names:
                 w = dequantize_fp8_blocks(w, ctx.take(f"{name}_scale_inv"), ctx.fp8_block)
             rows.append(w)
-        out[f"{proj}.weight"] = mx.stack(rows)
+        out[f"{proj}.weight"] = rows
         if f"{c}.0.{src}.bias" in ctx.names:
             out[f"{proj}.bias"] = mx.stack(
                 [ctx.take(f"{c}.{e}.{src}.bias") for e in range(ctx.num_experts)]
