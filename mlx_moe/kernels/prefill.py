@@ -57,9 +57,11 @@ def _read(name):
 
 
 PLATFORM_HEADERS = {
-    "cuda": "prefill_cuda.cuh",
-    "metal": "prefill_metal.h",
-    "cpu": "prefill_cpu.h",
+    "cuda": ["prefill_cuda.cuh", "prefill_mma16816.h"],
+    "metal": ["prefill_metal.h"],
+    "cpu": ["prefill_cpu.h"],
+    # CPU emulator running the CUDA warp tile on an emulated mma.sync
+    "cpu_mma16816": ["#define PF_CPU_MMA16816", "prefill_cpu.h", "prefill_mma16816.h"],
 }
 
 PROLOGUES = {
@@ -75,14 +77,14 @@ PROLOGUES = {
         "const int pf_by = (int)threadgroup_position_in_grid.y;\n"
     ),
     "cpu": "",  # the emulator passes pf_tid / pf_bx / pf_by as arguments
+    "cpu_mma16816": "",
 }
 
 
 def emit(platform: str):
     """``(header, source)`` of the prefill kernel for ``platform``."""
-    header = "\n".join(
-        _read(f) for f in ("prefill_tiles.h", PLATFORM_HEADERS[platform], "prefill_act.h")
-    )
+    parts = ["prefill_tiles.h", *PLATFORM_HEADERS[platform], "prefill_act.h"]
+    header = "\n".join(f if f.startswith("#") else _read(f) for f in parts)
     source = (
         PROLOGUES[platform]
         + "const int pf_lane = pf_tid & 31;\n"
@@ -462,8 +464,8 @@ _NP_OF = {
 }
 
 
-def _cpu_source(inputs, template, out_dtype):
-    header, source = emit("cpu")
+def _cpu_source(inputs, template, out_dtype, mode="cpu"):
+    header, source = emit(mode)
     params = ["int pf_tid", "int pf_bx", "int pf_by"]
     for name, a in zip(INPUT_NAMES, inputs):
         params.append(f"const {_C_TYPES[a.dtype]}* {name}")
@@ -482,6 +484,9 @@ def _cpu_source(inputs, template, out_dtype):
 #include <vector>
 {header}
 std::barrier<>* pf_cpu_barrier;
+thread_local int pf_cpu_lane, pf_cpu_warp;
+std::barrier<>* pf_cpu_warp_barrier[PF_THREADS / 32];
+uint32_t pf_cpu_stage[PF_THREADS / 32][32][6];
 static void pf_kernel({", ".join(params)}) {{
 {chr(10).join(consts)}
 {source}
@@ -489,9 +494,16 @@ static void pf_kernel({", ".join(params)}) {{
 extern "C" void pf_run(void** a, int gx, int gy) {{
   std::barrier<> bar(PF_THREADS);
   pf_cpu_barrier = &bar;
+  std::vector<std::barrier<>*> wb;
+  for (int w = 0; w < PF_THREADS / 32; w++) {{
+    wb.push_back(new std::barrier<>(32));
+    pf_cpu_warp_barrier[w] = wb.back();
+  }}
   std::vector<std::thread> th;
   for (int t = 0; t < PF_THREADS; t++) {{
     th.emplace_back([=]() {{
+      pf_cpu_lane = t & 31;
+      pf_cpu_warp = t >> 5;
       for (int by = 0; by < gy; by++) {{
         for (int bx = 0; bx < gx; bx++) {{
           pf_kernel(t, bx, by, {", ".join(casts)});
@@ -501,18 +513,23 @@ extern "C" void pf_run(void** a, int gx, int gy) {{
     }});
   }}
   for (auto& t : th) t.join();
+  for (auto* b : wb) delete b;
 }}
 """
 
 
-def cpu_launcher(cache_dir=None, cxx="g++"):
-    """A launcher running the kernel body on the CPU (one std::thread per GPU thread)."""
+def cpu_launcher(mode="cpu", cache_dir=None, cxx="g++"):
+    """A launcher running the kernel body on the CPU (one std::thread per GPU thread).
+
+    ``mode="cpu"``: scalar warp tile; ``mode="cpu_mma16816"``: the CUDA warp tile
+    (prefill_mma16816.h) on an emulated ``mma.sync``.
+    """
     cache = Path(cache_dir or Path(tempfile.gettempdir()) / "mlx_moe_prefill_cpu")
     cache.mkdir(parents=True, exist_ok=True)
     libs = {}
 
     def launch(inputs, template, grid, out_shape, out_dtype):
-        src = _cpu_source(inputs, template, out_dtype)
+        src = _cpu_source(inputs, template, out_dtype, mode)
         key = hashlib.sha1(src.encode()).hexdigest()[:16]
         if key not in libs:
             so = cache / f"pf_{key}.so"
