@@ -7,6 +7,7 @@
 
 #define MOE_CUDA 1
 #define DEVFN __device__ __forceinline__
+#define CONSTFN __host__ __device__ constexpr
 #define GPTR(T) const T*
 #define UNROLL _Pragma("unroll")
 

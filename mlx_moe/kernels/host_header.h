@@ -16,6 +16,7 @@
 
 #define MOE_HOST 1
 #define DEVFN inline
+#define CONSTFN constexpr
 #define GPTR(T) const T*
 #define UNROLL
 

@@ -7,6 +7,7 @@ using namespace metal;
 
 #define MOE_METAL 1
 #define DEVFN inline __attribute__((always_inline))
+#define CONSTFN constexpr
 #define GPTR(T) const device T*
 #define UNROLL _Pragma("clang loop unroll(full)")
 

@@ -3,6 +3,7 @@
 // Written once against a handful of names that each backend header defines
 // (metal_header.h, cuda_header.cuh, host_header.h):
 //   DEVFN            inline device function qualifier
+//   CONSTFN          constexpr function usable in device code
 //   GPTR(T)          read-only pointer to global (device) memory
 //   UNROLL           full-unroll pragma for the loop that follows
 //   moe_u32, moe_u4  32-bit word, 16-byte vector with .x .y .z .w
@@ -41,13 +42,13 @@
 
 // 16-byte words one lane reads per row and step ("chunk").
 template <int WK>
-constexpr int moe_chunk_words() {
+CONSTFN int moe_chunk_words() {
   return WK == MOE_WK_F32 ? 2 : 1;
 }
 
 // Weight values in one chunk.
 template <int WK, int BITS>
-constexpr int moe_chunk_values() {
+CONSTFN int moe_chunk_values() {
   return (WK == MOE_WK_AFFINE || WK == MOE_WK_MXFP4) ? 128 / BITS : 8;
 }
 
