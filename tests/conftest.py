@@ -1,0 +1,52 @@
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import checkpoints  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """``checkpoint(arch, layout=None, dtype="float32", shards=1, seed=0) -> Path``.
+
+    Written once per session per argument set and shared: tests must not modify it
+    (error-case tests write their own with ``checkpoints.write_checkpoint``).
+    """
+    cache = {}
+
+    def make(arch, layout=None, dtype="float32", shards=1, seed=0):
+        layout = layout or checkpoints.reference_layout(arch)
+        key = (arch, layout, dtype, shards, seed)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}-{layout}-{dtype}-{shards}-{seed}")
+            cache[key] = checkpoints.write_checkpoint(path, arch, layout, dtype, shards, seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mlx_lm_model():
+    """``mlx_lm_model(path) -> (model, config)`` via mlx-lm's own loader, cached per path."""
+    from mlx_lm.utils import load_model
+
+    cache = {}
+
+    def load(path):
+        path = Path(path)
+        if path not in cache:
+            cache[path] = load_model(path)
+        return cache[path]
+
+    return load
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    mx.random.seed(0)
+    np.random.seed(0)
