@@ -47,9 +47,10 @@ def _func_name(kernel, template, in_types, out_types):
 class HostLibrary:
     """A shared library of emulated kernel instances, built once per config set."""
 
-    def __init__(self, configs, cache_dir=None, opt="-O1"):
+    def __init__(self, configs, cache_dir=None, opt="-O1", extra=""):
         """``configs``: list of ``(kernel, template, in_types, out_types)``
-        with template values ints or dtype names."""
+        with template values ints or dtype names; ``extra``: more C++ code
+        (e.g. ``extern "C"`` wrappers of helpers for tests)."""
         funcs, launchers, self.names = [], [], {}
         for kernel, template, in_types, out_types in configs:
             key = (kernel, tuple(template), tuple(in_types), tuple(out_types))
@@ -73,7 +74,7 @@ class HostLibrary:
                 f"  return 0;\n}}\n")
             assert nin and nout
         text = (sources.header("host") + "\n" + "\n".join(funcs) + "\n"
-                + "\n".join(launchers))
+                + "\n".join(launchers) + "\n" + extra)
         digest = hashlib.sha1(text.encode()).hexdigest()[:16]
         cache = Path(cache_dir or tempfile.gettempdir()) / "mlx_moe_emu"
         cache.mkdir(parents=True, exist_ok=True)
@@ -122,10 +123,11 @@ def bf16_to_float(u16):
     return (u16.astype(np.uint32) << 16).view(np.float32)
 
 
-def layer_configs(experts, x, ids):
-    """The two ``(kernel, template, in_types, out_types)`` of a fused call."""
+def layer_configs(experts, x, ids, weights=None):
+    """The two ``(kernel, template, in_types, out_types)`` of a fused call
+    (``weights`` only matters for its dtype; float32 when None)."""
     p = fused.plan(experts, x, ids)
-    ins_a, ins_b = _layer_inputs(experts, x, ids, None, p)
+    ins_a, ins_b = _layer_inputs(experts, x, ids, weights, p)
     tpl = lambda t: tuple((n, _tname(v)) for n, v in t)  # noqa: E731
     types_a = tuple(_tname(a.dtype) for a in ins_a)
     types_b = ("float32",) + tuple(_tname(a.dtype) for a in ins_b[1:])

@@ -66,12 +66,13 @@ struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   int tid;
+  int calls;
   bool done;
 };
 inline ucontext_t sched;
 inline Fiber* cur = nullptr;
 inline int bx = 0, by = 0;
-inline float slots[1024];
+inline float slots[2][1024];
 inline std::function<void()> body;
 inline bool error = false;
 
@@ -104,6 +105,7 @@ inline bool run_block(int nthreads, int x, int y, std::function<void()> fn) {
       f.stack.resize(1 << 16);
     }
     f.tid = i;
+    f.calls = 0;
     f.done = false;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -135,17 +137,32 @@ inline bool run_block(int nthreads, int x, int y, std::function<void()> fn) {
 }
 } // namespace moe_emu
 
+// Sum over aligned groups of N lanes with the GPU's xor-butterfly order
+// (bit-identical to the shuffle loops), one block barrier per call: every
+// lane publishes its value, then replays the butterfly of its group. Two
+// alternating slot buffers make the one barrier enough.
 template <int N>
 inline float moe_sg_sum(float v) {
   const int tid = moe_emu::cur->tid;
-  for (int o = N / 2; o > 0; o >>= 1) {
-    moe_emu::slots[tid] = v;
-    moe_emu::barrier();
-    float other = moe_emu::slots[tid ^ o];
-    moe_emu::barrier();
-    v += other;
+  const int buf = moe_emu::cur->calls++ & 1;
+  float* slots = moe_emu::slots[buf];
+  slots[tid] = v;
+  moe_emu::barrier();
+  const int base = tid & ~(N - 1);
+  float vals[N];
+  for (int i = 0; i < N; ++i) {
+    vals[i] = slots[base + i];
   }
-  return v;
+  for (int o = N / 2; o > 0; o >>= 1) {
+    float next[N];
+    for (int i = 0; i < N; ++i) {
+      next[i] = vals[i] + vals[i ^ o];
+    }
+    for (int i = 0; i < N; ++i) {
+      vals[i] = next[i];
+    }
+  }
+  return vals[tid - base];
 }
 
 #define MOE_EXP(x) std::exp(x)

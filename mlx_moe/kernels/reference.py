@@ -105,3 +105,41 @@ def reference(experts, x, weights, ids, return_h=False):
                 d = d + db[e]
             y[t] += wt[t, s] * d
     return (y, h) if return_h else y
+
+
+def random_experts(E, H, I, activation="silu", fmt=("affine", 4, 64),
+                   dtype=mx.bfloat16, bias=False, seed=0):
+    """A random ``MoEExperts`` in format ``("affine", bits, group)``,
+    ``("mxfp4", 4, 32)`` or ``("float", 0, 0)`` with parameters in ``dtype``."""
+    from ..experts import MoEExperts
+
+    mx.random.seed(seed)
+    m = MoEExperts(E, H, I, activation=activation, bias=bias)
+    if bias:
+        for p in (m.gate_proj, m.up_proj, m.down_proj):
+            p.bias = 0.1 * mx.random.normal(p.bias.shape)
+    mode, bits, gs = fmt
+    if mode != "float":
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = getattr(m, name)
+            setattr(m, name, layer.to_quantized(group_size=gs, bits=bits, mode=mode))
+    m.set_dtype(dtype)
+    return m
+
+
+def random_inputs(experts, m, k, dtype=mx.bfloat16, seed=0, ids_dtype=mx.uint32):
+    """``x [m, H]``, softmax ``weights [m, k]`` and distinct ``ids [m, k]``."""
+    rng = np.random.RandomState(seed)
+    E, H = experts.num_experts, experts.gate_proj.input_dims
+    x = mx.array(rng.standard_normal((m, H)).astype(np.float32)).astype(dtype)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(m)])
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    w = np.exp(w) / np.exp(w).sum(-1, keepdims=True)
+    return x, mx.array(w).astype(dtype), mx.array(ids.astype(np.int64)).astype(ids_dtype)
+
+
+def max_rel(a, b):
+    """max |a - b| / max |b|."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
