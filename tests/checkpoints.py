@@ -819,20 +819,22 @@ def write_checkpoint(
     mutate: Optional[Callable[[dict], dict]] = None,
     mutate_config: Optional[Callable[[dict], dict]] = None,
     tokenizer: bool = True,
+    overrides: Optional[dict] = None,
 ) -> Path:
     """Write a tiny ``arch`` checkpoint of ``layout`` into ``path`` (created); return it.
 
-    ``mutate(tensors) -> tensors`` / ``mutate_config(cfg) -> cfg`` edit what gets
-    written (error-case tests). Tensors are numpy arrays (float32 ones are written
-    as ``dtype``) or ``Raw``.
+    ``overrides`` change the tiny config before the weights are drawn (other
+    sizes). ``mutate(tensors) -> tensors`` / ``mutate_config(cfg) -> cfg`` edit
+    what gets written (error-case tests). Tensors are numpy arrays (float32 ones
+    are written as ``dtype``) or ``Raw``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     layout = layout or reference_layout(arch)
-    cfg = tiny_config(arch, dtype)
+    cfg = {**tiny_config(arch, dtype), **(overrides or {})}
     weights = canonical_weights(arch, seed, dtype, cfg)
     if layout in ("mlx", "mlx_float") and not (layout == "mlx_float" and arch == "gpt_oss"):
-        return _write_with_mlx_lm(path, arch, layout, dtype, shards, seed, mutate, mutate_config, tokenizer)
+        return _write_with_mlx_lm(path, arch, layout, dtype, shards, seed, mutate, mutate_config, tokenizer, overrides)
     tensors, cfg = layout_tensors(arch, layout, weights, cfg, seed)
     if arch == "deepseek_v3" and dtype == "bfloat16":
         key = [k for k in tensors if k.endswith("e_score_correction_bias")]
@@ -849,7 +851,7 @@ def write_checkpoint(
     return path
 
 
-def _write_with_mlx_lm(path, arch, layout, dtype, shards, seed, mutate, mutate_config, tokenizer):
+def _write_with_mlx_lm(path, arch, layout, dtype, shards, seed, mutate, mutate_config, tokenizer, overrides):
     """``mlx_float`` / ``mlx``: mlx-lm loads the reference and saves it (quantized for ``mlx``)."""
     import tempfile
 
@@ -858,7 +860,7 @@ def _write_with_mlx_lm(path, arch, layout, dtype, shards, seed, mutate, mutate_c
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        ref = write_checkpoint(tmp, arch, reference_layout(arch), dtype, 1, seed, tokenizer=False)
+        ref = write_checkpoint(tmp, arch, reference_layout(arch), dtype, 1, seed, tokenizer=False, overrides=overrides)
         model, config = load_model(Path(ref))
     if layout == "mlx":
         model, config = quantize_model(model, config, MLX_QUANT["group_size"], MLX_QUANT["bits"])
