@@ -1,5 +1,4 @@
 // mlx-moe grouped prefill: platform-neutral helpers (after the platform header).
-#pragma once
 
 // erf, Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): Metal has no erf.
 PF_FUNC float pf_erf(float x) {

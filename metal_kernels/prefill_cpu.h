@@ -3,7 +3,6 @@
 // statics shared by them; PF_BARRIER is an std::barrier. The warp tile is a
 // scalar loop (lane l owns row wr + l), so this checks the body's indexing,
 // dequantization, tiling and epilogue -- not the tensor-core helpers.
-#pragma once
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -57,6 +56,12 @@ PF_FUNC pf_u32 pf_pack2(_Float16 lo, _Float16 hi) {
   std::memcpy(&a, &lo, 2);
   std::memcpy(&b, &hi, 2);
   return pf_u32(a) | (pf_u32(b) << 16);
+}
+
+PF_FUNC float pf_u2f(pf_u32 q) { return float(q); }
+template <typename T>
+PF_FUNC pf_u32 pf_pack2f(float lo, float hi, T) {
+  return pf_pack2(T(lo), T(hi));
 }
 
 #ifdef PF_CPU_MMA16816

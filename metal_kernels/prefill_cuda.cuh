@@ -1,10 +1,8 @@
 // mlx-moe grouped prefill: CUDA platform helpers for prefill_body.inc
 // (emitted through mx.fast.cuda_kernel, compiled by NVRTC inside MLX).
 // The warp tile uses tensor cores: mma.sync.m16n8k16 (bf16 / f16 in, f32 acc).
-#pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
 
 #define PF_FUNC __device__ __forceinline__
 #define PF_GLOBAL
@@ -28,6 +26,18 @@ PF_FUNC pf_u32 pf_pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
 }
 PF_FUNC pf_u32 pf_pack2(__half lo, __half hi) {
   return pf_u32(__half_as_ushort(lo)) | (pf_u32(__half_as_ushort(hi)) << 16);
+}
+
+// exact uint -> float for q < 2^23 without the (slow) I2F conversion unit
+PF_FUNC float pf_u2f(pf_u32 q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }
+// two floats -> two packed T with one cvt.rn.{bf16,f16}x2.f32
+PF_FUNC pf_u32 pf_pack2f(float lo, float hi, __nv_bfloat16) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<pf_u32*>(&v);
+}
+PF_FUNC pf_u32 pf_pack2f(float lo, float hi, __half) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<pf_u32*>(&v);
 }
 
 PF_FUNC void pf_mma16816(float* d, const pf_u32* a, pf_u32 b0, pf_u32 b1, __nv_bfloat16) {

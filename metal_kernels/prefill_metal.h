@@ -4,7 +4,6 @@
 // fragment coordinates MLX's steel GEMM uses), so T may be half or bfloat.
 // NOT YET RUN ON A MAC: written against the Metal spec and MLX's steel
 // kernels only; the backend keeps it off unless MLX_MOE_PREFILL_METAL=1.
-#pragma once
 #include <metal_simdgroup_matrix>
 #include <metal_stdlib>
 using namespace metal;
@@ -29,6 +28,12 @@ PF_FUNC int pf_imin(int a, int b) { return a < b ? a : b; }
 template <typename T>
 PF_FUNC pf_u32 pf_pack2(T lo, T hi) {
   return pf_u32(as_type<ushort>(lo)) | (pf_u32(as_type<ushort>(hi)) << 16);
+}
+
+PF_FUNC float pf_u2f(pf_u32 q) { return float(q); }
+template <typename T>
+PF_FUNC pf_u32 pf_pack2f(float lo, float hi, T) {
+  return pf_pack2(T(lo), T(hi));
 }
 
 template <typename T>

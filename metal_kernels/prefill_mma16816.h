@@ -2,7 +2,6 @@
 // mma.sync layouts). Used by prefill_cuda.cuh (pf_mma16816 = the tensor-core
 // instruction) and by the CPU emulator's "mma16816" mode (pf_mma16816 =
 // a warp-collective emulation), so the fragment indexing is tested offline.
-#pragma once
 
 // One warp's share of the block's C tile: rows [wr, wr+32) x columns
 // {h*64 + wc + [0, 32) : h = 0, 1} of C = A[BM x BK] * B[BN x BK]^T

@@ -4,7 +4,6 @@
 // A block (threadgroup) owns one (expert, m-tile, n-tile): PF_BM rows of one
 // expert's segment of the expert-sorted (token, expert) pairs x PF_BN output
 // columns, looping over K in steps of PF_BK. 4 warps / simdgroups of 32.
-#pragma once
 
 #define PF_THREADS 128
 #define PF_BM 64           // rows (pairs) per block

@@ -557,3 +557,46 @@ def cpu_launcher(mode="cpu", cache_dir=None, cxx="g++"):
         return res
 
     return launch
+
+
+# ---------------------------------------------------------------- test / bench helpers
+
+
+def make_experts(E, H, I, bits=4, group_size=64, activation="silu", bias=False,
+                 dtype=mx.bfloat16, seed=0):
+    """A random ``MoEExperts`` (weights in ``dtype`` before quantizing, like real
+    checkpoints, so scales/biases are ``dtype``); ``bits=0`` keeps float weights."""
+    from ..experts import MoEExperts
+
+    mx.random.seed(seed)
+    ex = MoEExperts(E, H, I, activation=activation, bias=bias)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        p = getattr(ex, name)
+        p.weight = p.weight.astype(dtype)
+        if bias:
+            p.bias = (0.1 * mx.random.normal(p.bias.shape)).astype(dtype)
+        if bits:
+            p = p.to_quantized(group_size=group_size, bits=bits)
+        setattr(ex, name, p)
+    mx.eval(ex.parameters())
+    return ex
+
+
+def random_routing(T, E, k, H, dtype=mx.bfloat16, seed=1, skew=0.0):
+    """``x [T, H]``, ``weights [T, k]``, ``ids [T, k]`` (distinct experts per token).
+
+    ``skew > 0`` biases the router towards low expert ids (uneven segments)."""
+    mx.random.seed(seed)
+    x = mx.random.normal((T, H)).astype(dtype)
+    logits = mx.random.normal((T, E)) - skew * mx.arange(E, dtype=mx.float32) / E
+    ids = mx.argpartition(-logits, k - 1, axis=-1)[:, :k].astype(mx.int32)
+    weights = mx.softmax(mx.random.normal((T, k)), axis=-1)
+    mx.eval(x, ids, weights)
+    return x, weights, ids
+
+
+def rel_err(a, b):
+    """``max|a-b| / max|b|`` in float32."""
+    a = np.array(mx.array(a).astype(mx.float32))
+    b = np.array(mx.array(b).astype(mx.float32))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))

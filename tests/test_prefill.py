@@ -1,0 +1,213 @@
+"""Grouped-GEMM prefill (mlx_moe/kernels/prefill.py, metal_kernels/prefill_*).
+
+CPU: the numpy model of the kernel (tile schedule, sort/segment bookkeeping,
+AFQ unpacking) against the ``loop`` backend; the kernel body itself run by the
+CPU emulator (scalar warp tile, and the CUDA mma.sync fragment code on an
+emulated mma) against that model; the CUDA emission compiled by nvcc.
+GPU (``-m gpu``): the real kernel against ``loop`` for bits x group x T.
+"""
+
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_moe import experts as experts_mod
+from mlx_moe.experts import run_loop
+from mlx_moe.kernels import prefill as pf
+
+HAS_GPU = mx.cuda.is_available() or mx.metal.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an MLX GPU backend")
+
+
+def _case(E=8, H=128, I=64, k=2, T=40, bits=4, gs=32, act="silu", bias=False,
+          dtype=mx.bfloat16, skew=0.0, seed=0):
+    ex = pf.make_experts(E, H, I, bits, gs, act, bias, dtype, seed=seed)
+    x, w, ids = pf.random_routing(T, E, k, H, dtype, seed=seed + 1, skew=skew)
+    return ex, x, w, ids
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_np_dequant_matches_mlx(bits, gs):
+    ex = pf.make_experts(4, 256, 128, bits, gs, dtype=mx.float32)
+    for p in (ex.gate_proj, ex.down_proj):
+        ref = np.stack([np.array(p.expert_weight(e)) for e in range(4)])
+        np.testing.assert_allclose(pf.np_dequant(p), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "T,E,k,skew", [(40, 8, 2, 0.0), (9, 16, 4, 0.0), (300, 4, 2, 3.0), (64, 128, 8, 0.0)]
+)
+def test_plan(T, E, k, skew):
+    _, _, ids = pf.random_routing(T, E, k, 32, skew=skew)
+    order, segs, tiles, slots = pf.plan(ids, E)
+    flat = np.array(ids).reshape(-1)
+    order, segs, tiles = np.array(order), np.array(segs), np.array(tiles)
+    assert sorted(order.tolist()) == list(range(flat.size))
+    assert np.all(np.diff(flat[order]) >= 0)
+    counts = np.bincount(flat, minlength=E)
+    np.testing.assert_array_equal(segs, np.concatenate([[0], np.cumsum(counts)]))
+    mt = -(-counts // pf.BM)
+    np.testing.assert_array_equal(tiles, np.concatenate([[0], np.cumsum(mt)]))
+    assert tiles[-1] <= slots
+    for e in range(E):
+        assert np.all(flat[order[segs[e]:segs[e + 1]]] == e)
+
+
+def test_plan_one_expert():
+    ids = mx.zeros((100, 1), mx.int32) + 3
+    order, segs, tiles, slots = pf.plan(ids, 8)
+    assert np.array(segs).tolist() == [0, 0, 0, 0, 100, 100, 100, 100, 100]
+    assert np.array(tiles)[-1] == 2 and slots >= 2
+
+
+REF_CASES = [
+    dict(bits=4, gs=32),
+    dict(bits=8, gs=64, H=256, I=128),
+    dict(bits=4, gs=128, H=256, I=128),
+    dict(bits=0),
+    dict(bits=4, gs=32, act="swiglu_oai", bias=True),
+    dict(bits=8, gs=32, act="gelu", T=33),
+    dict(bits=4, gs=32, act="gelu_tanh"),
+    dict(bits=4, gs=32, act="relu"),
+    dict(bits=4, gs=32, H=192, I=96),  # partial n-tiles in both launches
+    dict(bits=4, gs=32, E=4, T=200, skew=3.0),  # several m-tiles per expert
+    dict(bits=4, gs=32, dtype=mx.float16),
+]
+
+
+@pytest.mark.parametrize("cfg", REF_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_reference_matches_loop(cfg):
+    ex, x, w, ids = _case(**cfg)
+    ref = run_loop(ex, x, w, ids)
+    got = pf.reference_prefill(ex, x, w, ids)
+    assert pf.rel_err(got, ref) < 2e-2
+
+
+# ---------------------------------------------------------------- the kernel body on the CPU
+
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+
+
+@needs_cxx
+@pytest.mark.parametrize("cfg", REF_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_emulated_kernel_matches_reference(cfg, tmp_path_factory):
+    ex, x, w, ids = _case(**cfg)
+    ref = pf.reference_prefill(ex, x, w, ids)
+    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"))
+    assert pf.rel_err(got, ref) < 2e-3
+    assert pf.rel_err(got, run_loop(ex, x, w, ids)) < 2e-2
+
+
+@needs_cxx
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(bits=4, gs=32), dict(bits=8, gs=32, H=192, I=96, bias=True),
+     dict(bits=4, gs=32, dtype=mx.float16, E=4, T=100, skew=2.0)],
+    ids=["q4", "q8-partial-bias", "f16-multitile"],
+)
+def test_emulated_mma16816_matches_reference(cfg):
+    """The CUDA warp tile's fragment indexing (prefill_mma16816.h) on an emulated mma.sync."""
+    ex, x, w, ids = _case(**cfg)
+    ref = pf.reference_prefill(ex, x, w, ids)
+    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu_mma16816"))
+    assert pf.rel_err(got, ref) < 2e-3
+
+
+@needs_cxx
+def test_emulated_kernel_catches_a_wrong_weight():
+    """Negative control: the comparison is sensitive to one changed expert."""
+    ex, x, w, ids = _case(bits=4, gs=32)
+    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"))
+    ex.down_proj.scales = ex.down_proj.scales.at[3].multiply(1.5)
+    ref = pf.reference_prefill(ex, x, w, ids)
+    assert pf.rel_err(got, ref) > 1e-2
+
+
+# ---------------------------------------------------------------- CUDA emission (nvcc)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("bits,gated,dtype,bias", [
+    (4, 1, mx.bfloat16, 0), (4, 0, mx.bfloat16, 0), (8, 1, mx.float16, 1),
+    (8, 0, mx.bfloat16, 1), (0, 1, mx.bfloat16, 0),
+])
+def test_cuda_emission_compiles(tmp_path, bits, gated, dtype, bias):
+    E, H, I = 128, 2048, 768
+    K, N = (H, I) if gated else (I, H)
+    x = mx.zeros((4, K), dtype)
+    r = mx.zeros((4,), mx.int32)
+    d = mx.zeros((1,), mx.float32)
+    if bits:
+        wq = mx.zeros((E, N, K * bits // 32), mx.uint32)
+        s = mx.zeros((E, N, K // 64), mx.bfloat16)
+    else:
+        wq, s = mx.zeros((E, N, K), mx.bfloat16), d
+    tmpl = [("T", dtype), ("BITS", bits), ("GS", 64), ("GATED", gated), ("ACT", 0),
+            ("HAS_BIAS", bias), ("E", E), ("K", K), ("N", N)]
+    src = pf.cuda_source([x, r, r, r, wq, s, s, wq, s, s, d, d], tmpl, dtype)
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    res = subprocess.run(
+        ["nvcc", "-arch=sm_90", "-std=c++17", "-c", "-o", str(tmp_path / "k.o"), str(cu),
+         "-Xptxas", "-v"],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "0 bytes spill stores" in res.stderr
+
+
+def test_metal_emission_names_its_attributes():
+    header, source = pf.emit("metal")
+    for name in ("thread_index_in_threadgroup", "threadgroup_position_in_grid"):
+        assert name in source  # metal_kernel only adds attributes named in the source
+    assert "simdgroup_multiply_accumulate" in header
+
+
+# ---------------------------------------------------------------- backend selection
+
+
+def test_available_and_registration():
+    ex, x, w, ids = _case()
+    assert not pf.available(ex, x[:8], ids[:8])  # decode sizes belong to the fused kernels
+    assert pf.supports(ex, x, ids)
+    assert not pf.supports(ex, x.astype(mx.float32), ids)
+    if not HAS_GPU:
+        assert not pf.available(ex, x, ids)
+    pf.register()
+    assert "prefill" in experts_mod.BACKENDS and "dequant_gather" in experts_mod.BACKENDS
+
+
+# ---------------------------------------------------------------- GPU
+
+GPU_T = [9, 64, 512, 2048, 8192]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("T", GPU_T)
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_prefill_matches_loop(bits, gs, T):
+    ex, x, w, ids = _case(E=16, H=512, I=256, k=4, T=T, bits=bits, gs=gs)
+    with mx.stream(mx.gpu):
+        got = pf.run_prefill(ex, x, w, ids)
+        ref = run_loop(ex, x, w, ids)
+        assert pf.rel_err(got, ref) < 2e-2
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("T", [512, 2048, 8192])
+def test_gpu_qwen_shape_matches_gather(T):
+    ex, x, w, ids = _case(E=128, H=2048, I=768, k=8, T=T, bits=4, gs=64)
+    got = pf.run_prefill(ex, x, w, ids)
+    ref = experts_mod.run_gather(ex, x, w, ids)  # sorted gather_qmm (pairs >= 64)
+    assert pf.rel_err(got, ref) < 2e-2
