@@ -82,8 +82,9 @@ def check(tag, got_fn, ref_fn, tol=2e-2):
         got = got_fn()
         ref = ref_fn()
         err = pf.rel_err(got, ref)
-        ok = bool(err < tol)
-        rec = dict(case=tag, rel_err=err, ok=ok, s=round(time.time() - t, 2))
+        ok = bool(err < tol) and bool(mx.all(mx.isfinite(got)).item())
+        rec = dict(case=tag, rel_err=round(err, 6), max_err=round(pf.rel_err(got, ref, "max"), 6),
+                   ok=ok, s=round(time.time() - t, 2))
     except Exception as exc:
         rec = dict(case=tag, ok=False, error=f"{type(exc).__name__}: {exc}"[:1000])
     RESULTS["checks"].append(rec)

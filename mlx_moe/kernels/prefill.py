@@ -595,8 +595,10 @@ def random_routing(T, E, k, H, dtype=mx.bfloat16, seed=1, skew=0.0):
     return x, weights, ids
 
 
-def rel_err(a, b):
-    """``max|a-b| / max|b|`` in float32."""
+def rel_err(a, b, kind="norm"):
+    """``||a-b|| / ||b||`` (``kind="norm"``) or ``max|a-b| / max|b|`` (``"max"``)."""
     a = np.array(mx.array(a).astype(mx.float32))
     b = np.array(mx.array(b).astype(mx.float32))
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+    if kind == "max":
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-6))
