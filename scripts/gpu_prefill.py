@@ -100,6 +100,9 @@ def phase_correctness():
         for gs in (32, 64, 128):
             ex = pf.make_experts(E, H, I, bits, gs)
             for T in SMALL["T"]:
+                if time.time() - T0 > BUDGET_S:
+                    log("budget reached in correctness")
+                    return
                 x, w, ids = pf.random_routing(T, E, k, H)
                 check(f"b{bits} g{gs} T{T} vs loop",
                       lambda: pf.run_prefill(ex, x, w, ids),
@@ -257,18 +260,21 @@ def main():
     RESULTS["platform"] = pf.gpu_platform()
     log("device", RESULTS["device"], "platform", RESULTS["platform"])
     pf.register()
-    phases = os.environ.get("PREFILL_PHASES", "correct,qwen,time,model").split(",")
-    if "correct" in phases:
-        phase_correctness()
+    phases = os.environ.get("PREFILL_PHASES", "qwen,time,correct,model").split(",")
     ex = pf.make_experts(QWEN["E"], QWEN["H"], QWEN["I"], 4, 64)
-    if DRY:
-        pf.make_experts(8, 256, 128)
-    if "qwen" in phases:
-        phase_qwen_correctness(ex)
-    if "time" in phases:
-        phase_timing(ex)
-    if "model" in phases and time.time() - T0 < BUDGET_S:
-        phase_model()
+    for phase in phases:
+        if phase != "qwen" and time.time() - T0 > BUDGET_S:
+            log("budget reached, skipping phase", phase)
+            continue
+        log("PHASE", phase)
+        if phase == "correct":
+            phase_correctness()
+        elif phase == "qwen":
+            phase_qwen_correctness(ex)
+        elif phase == "time":
+            phase_timing(ex)
+        elif phase == "model":
+            phase_model()
     n_ok = sum(c.get("ok", False) for c in RESULTS["checks"])
     log(f"SUMMARY checks ok {n_ok}/{len(RESULTS['checks'])}, errors {len(RESULTS['errors'])}")
     for row in RESULTS["timing"]:
