@@ -249,14 +249,23 @@ def load_model(
     quantize=None,
     backend: str = "auto",
     progress: bool = False,
+    expert_budget_gb=None,
+    expert_options=None,
 ):
     """Load a model, quantizing while streaming if ``quantize`` is given.
 
     ``quantize``: None (keep the checkpoint's precision) or e.g.
     ``{"bits": 4, "group_size": 64, "mode": "affine"}``. Returns ``(model, config)``
     where ``config`` is what a converted folder's config.json should hold.
+    ``expert_budget_gb`` (GB, or e.g. ``"50%"``): keep only that much of the routed
+    experts in memory and stream the rest from disk (``mlx_moe.offload``; needs a
+    folder converted with ``--expert-file-layout``, which also loads without it).
     """
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
+    from . import offload
+
+    if expert_budget_gb is not None or offload.is_offload_folder(folder):
+        return offload.load_offloaded(folder, expert_budget_gb, quantize, backend, progress, expert_options)
     config = load_config(folder)
     spec = QuantSpec.parse(quantize)
     ckpt = Checkpoint(folder)
@@ -275,12 +284,15 @@ def set_backend(model: nn.Module, backend: str):
             m.backend = backend
 
 
-def load(path_or_repo=None, quantize=None, backend="auto", progress=True):
-    """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=...)``."""
+def load(path_or_repo=None, quantize=None, backend="auto", progress=True, expert_budget_gb=None, expert_options=None):
+    """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=..., expert_budget_gb=...)``."""
     from mlx_lm.utils import load_tokenizer
 
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
-    model, config = load_model(folder, quantize=quantize, backend=backend, progress=progress)
+    model, config = load_model(
+        folder, quantize=quantize, backend=backend, progress=progress,
+        expert_budget_gb=expert_budget_gb, expert_options=expert_options,
+    )
     eos = config.get("eos_token_id")
     tokenizer = load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     return model, tokenizer
