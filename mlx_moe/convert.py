@@ -17,7 +17,8 @@ SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
 
-def convert(hf_path, mlx_path, quantize=None, force=False, max_shard_gb=5.0, progress=True):
+def convert(hf_path, mlx_path, quantize=None, force=False, max_shard_gb=5.0, progress=True,
+            expert_file_layout=False):
     src, dst = resolve_path(hf_path), Path(mlx_path)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass --force to replace it")
@@ -25,8 +26,13 @@ def convert(hf_path, mlx_path, quantize=None, force=False, max_shard_gb=5.0, pro
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        model, config = load_model(src, quantize=quantize, progress=progress)
-        save_sharded(tree_flatten(model.parameters()), tmp, int(max_shard_gb * (1 << 30)))
+        if expert_file_layout:  # routed experts in aligned per-layer files (mlx_moe.offload)
+            from .offload import write_offload_folder
+
+            config = write_offload_folder(src, tmp, quantize, max_shard_gb, progress)
+        else:
+            model, config = load_model(src, quantize=quantize, progress=progress)
+            save_sharded(tree_flatten(model.parameters()), tmp, int(max_shard_gb * (1 << 30)))
         for pattern in SIDE_FILES:
             for f in src.glob(pattern):
                 if f.name not in NOT_COPIED:
@@ -55,11 +61,15 @@ def main(argv=None):
     p.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--expert-file-layout", action="store_true",
+                   help="write routed experts as aligned per-layer expert files for --expert-budget "
+                        "(docs/OFFLOAD.md); such a folder loads in mlx-moe only, not mlx-lm")
     args = p.parse_args(argv)
     quantize = None
     if args.quantize:
         quantize = {"bits": args.q_bits, "group_size": args.q_group_size, "mode": args.q_mode}
-    dst = convert(args.hf_path, args.mlx_path, quantize, args.force, args.max_shard_gb)
+    dst = convert(args.hf_path, args.mlx_path, quantize, args.force, args.max_shard_gb,
+                  expert_file_layout=args.expert_file_layout)
     print(f"Saved {dst}")
 
 
