@@ -7,6 +7,7 @@ import time
 
 import mlx.core as mx
 
+from . import offload
 from .loading import DEFAULT_MODEL, load
 
 
@@ -25,6 +26,9 @@ def build_parser():
     p.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
     p.add_argument("--backend", default="auto", help="MoE backend: auto, gather, loop, fused, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--expert-budget", default=None, metavar="GB|N%",
+                   help="keep only this much of the routed experts in memory, stream the rest "
+                        "from an --expert-file-layout folder (docs/OFFLOAD.md)")
     return p
 
 
@@ -47,7 +51,8 @@ def main(argv=None):
     if args.quantize:
         quantize = {"bits": args.q_bits, "group_size": args.q_group_size, "mode": args.q_mode}
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model, quantize=quantize, backend=args.backend, progress=not args.json)
+    model, tokenizer = load(args.model, quantize=quantize, backend=args.backend, progress=not args.json,
+                            expert_budget_gb=args.expert_budget)
     load_s = time.perf_counter() - t0
 
     ids = prompt_tokens(tokenizer, prompt, args.ignore_chat_template)
@@ -70,12 +75,17 @@ def main(argv=None):
             "generation_tps": last.generation_tps,
             "peak_memory_gb": last.peak_memory,
             "load_s": load_s,
+            "expert_offload": offload.stats(model),
         }))
+        offload.close(model)
         return
     print("\n" + "=" * 10)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
     print(f"Peak memory: {last.peak_memory:.3f} GB")
+    if offload.stats(model):
+        print(offload.format_stats(offload.stats(model)))
+    offload.close(model)
 
 
 if __name__ == "__main__":
