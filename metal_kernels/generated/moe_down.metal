@@ -169,12 +169,6 @@ DEVFN moe_wvec<NW> moe_load_w(GPTR(moe_u4) p, unsigned long idx) {
   return r;
 }
 
-// Small unsigned integer (< 2^23) to float without an int->float conversion:
-// 0x4B000000 is 2^23, so its mantissa holds q exactly.
-DEVFN float moe_small_u2f(moe_u32 q) {
-  return moe_bits_to_float(q | 0x4B000000u) - 8388608.0f;
-}
-
 // fp4 e2m1 code (low 4 bits) to float: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and signs.
 DEVFN float moe_e2m1(moe_u32 q) {
   moe_u32 em = q & 7u;
@@ -190,19 +184,55 @@ DEVFN float moe_e8m0(float s) {
   return b == 0u ? moe_bits_to_float(0x00400000u) : moe_bits_to_float(b << 23);
 }
 
-// sum_j x_j * v_j over one chunk, where v_j is the raw quantized code (affine),
-// the e2m1 value (mxfp4) or the float weight.
+// Affine codes are read without shifting where possible: masking code j of a
+// word in place gives q_j * 2^(BITS * j), exact through the 2^23 magic as long
+// as it stays below 2^23 (codes 0..4 of 4-bit words, 0..1 of 8-bit words); the
+// rest are shifted down once per word. The activations are prescaled by the
+// matching 2^-(BITS * j) once per chunk (moe_prescale) and shared by all rows.
+template <int BITS>
+CONSTFN int moe_inplace_codes() {
+  return BITS == 4 ? 5 : 2;
+}
+
+template <int BITS>
+CONSTFN int moe_code_shift(int j) {
+  return j < moe_inplace_codes<BITS>() ? j : j - moe_inplace_codes<BITS>();
+}
+
+template <int WK, int BITS, int N>
+DEVFN moe_fvec<N> moe_prescale(moe_fvec<N> x) {
+  if (WK == MOE_WK_AFFINE) {
+    constexpr int PER = 32 / BITS;
+    UNROLL for (int k = 0; k < N; ++k) {
+      const int sh = BITS * moe_code_shift<BITS>(k % PER);
+      x.v[k] *= moe_bits_to_float(moe_u32(127 - sh) << 23);
+    }
+  }
+  return x;
+}
+
+// sum_j x_j * v_j over one chunk, where v_j is the raw quantized code (affine,
+// with x from moe_prescale), the e2m1 value (mxfp4) or the float weight.
 template <int WK, int BITS, int NW, int N>
 DEVFN float moe_dot_chunk(moe_wvec<NW> w, moe_fvec<N> x) {
   float acc = 0.0f;
-  if (WK == MOE_WK_AFFINE || WK == MOE_WK_MXFP4) {
+  if (WK == MOE_WK_AFFINE) {
     constexpr int PER = 32 / BITS;
+    constexpr int SPLIT = moe_inplace_codes<BITS>();
     constexpr moe_u32 MASK = (1u << BITS) - 1u;
     UNROLL for (int i = 0; i < 4 * NW; ++i) {
+      const moe_u32 lo = w.w[i];
+      const moe_u32 hi = w.w[i] >> (BITS * SPLIT);
       UNROLL for (int j = 0; j < PER; ++j) {
-        moe_u32 q = (w.w[i] >> (BITS * j)) & MASK;
-        float v = (WK == MOE_WK_AFFINE) ? moe_small_u2f(q) : moe_e2m1(q);
-        acc += x.v[i * PER + j] * v;
+        const moe_u32 src = j < SPLIT ? lo : hi;
+        const moe_u32 q = src & (MASK << (BITS * moe_code_shift<BITS>(j)));
+        acc += x.v[i * PER + j] * (moe_bits_to_float(q | 0x4B000000u) - 8388608.0f);
+      }
+    }
+  } else if (WK == MOE_WK_MXFP4) {
+    UNROLL for (int i = 0; i < 4 * NW; ++i) {
+      UNROLL for (int j = 0; j < 8; ++j) {
+        acc += x.v[i * 8 + j] * moe_e2m1((w.w[i] >> (4 * j)) & 15u);
       }
     }
   } else if (WK == MOE_WK_F32) {
@@ -355,6 +385,7 @@ template <int WK, int BITS, int GS, int HAS_BIAS, int IN_DIM, int OUT_DIM, int T
       if (NIT * LPR == NC || c < NC) {
         moe_fvec<VPC> xv = moe_load_x<MOE_XK_F32, VPC>(h4, p * HW, c);
         const float sx = (WK == MOE_WK_AFFINE) ? moe_vsum<VPC>(xv) : 0.0f;
+        xv = moe_prescale<WK, BITS, VPC>(xv);
         const int g = (c * VPC) / GS;
         moe_wvec<NW> wd[RB];
         UNROLL for (int j = 0; j < RB; ++j) {

@@ -12,6 +12,7 @@ lazy: no ``eval``/``item``; kernel objects and launch plans are cached.
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -46,6 +47,7 @@ class Unsupported(ValueError):
 # ------------------------------------------------------------------ backends
 
 
+@lru_cache(maxsize=None)
 def gpu_backend() -> Optional[str]:
     """``"metal"``/``"cuda"`` when MLX has that GPU backend, else None."""
     try:
@@ -306,28 +308,41 @@ def run_fused(experts, x, weights, ids):
     reason = why_not(experts, x, ids)
     if reason is not None:
         raise Unsupported(f"MoE backend 'fused' cannot run: {reason}")
-    p = plan(experts, x, ids)
-    backend = gpu_backend()
-    m, K, H, I = p.m, p.k, p.hidden, p.inter
-    x2 = x.reshape(m, H)
+    h = gate_up(experts, x, ids)
+    return down(experts, h, x, weights, ids)
+
+
+def _ids(ids, n):
     if ids.dtype not in (mx.uint32, mx.int32):
         ids = ids.astype(mx.uint32)
-    ids2 = ids.reshape(m * K)
-    tw = weights.reshape(m * K)
+    return ids.reshape(n)
+
+
+def gate_up(experts, x, ids):
+    """Kernel A alone: ``h [m * k, I]`` float32 (no availability check)."""
+    p = plan(experts, x, ids)
+    m, K, H, I = p.m, p.k, p.hidden, p.inter
+    x2 = x.reshape(m, H)
     # Inputs a configuration does not use are never read; pass x for them.
     gw, gs, gb, gbias = _inputs(experts.gate_proj, x2)
     uw, us, ub, ubias = _inputs(experts.up_proj, x2)
-    dw, ds, db, dbias = _inputs(experts.down_proj, x2)
-    h = kernel_object("moe_gate_up", backend)(
-        inputs=[x2, ids2, gw, gs, gb, uw, us, ub, gbias, ubias],
+    return kernel_object("moe_gate_up", gpu_backend())(
+        inputs=[x2, _ids(ids, m * K), gw, gs, gb, uw, us, ub, gbias, ubias],
         template=p.template_a,
         grid=p.grid_a,
         threadgroup=p.tg_a,
         output_shapes=[(m * K, I)],
         output_dtypes=[mx.float32],
     )[0]
-    y = kernel_object("moe_down", backend)(
-        inputs=[h, ids2, tw, dw, ds, db, dbias],
+
+
+def down(experts, h, x, weights, ids):
+    """Kernel B alone: ``y`` shaped and typed like ``x`` (no availability check)."""
+    p = plan(experts, x, ids)
+    m, K, H = p.m, p.k, p.hidden
+    dw, ds, db, dbias = _inputs(experts.down_proj, h)
+    y = kernel_object("moe_down", gpu_backend())(
+        inputs=[h, _ids(ids, m * K), weights.reshape(m * K), dw, ds, db, dbias],
         template=p.template_b,
         grid=p.grid_b,
         threadgroup=p.tg_b,

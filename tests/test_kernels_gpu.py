@@ -1,0 +1,166 @@
+"""GPU tests of the fused decode kernels (Metal or CUDA through MLX).
+
+Skipped unless MLX has a GPU backend. Every affine bits {4, 8} x group
+{32, 64, 128} x activation x m in {1, 2, 4, 8} combination runs the ``fused``
+backend against the NumPy reference of its exact semantics and against the
+``loop`` backend (MLX ops in the model dtype) on the same device; plus mxfp4,
+float weights, other dtypes, biases, launch shapes and auto selection.
+
+``scripts/gpu_check.py`` runs this file (with pytest, or without it through
+``run_all``) and records the max errors kept in ``RESULTS``.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+try:
+    import pytest
+except ImportError:  # scripts/gpu_check.py can run these without pytest
+    pytest = None
+
+from mlx_moe import kernels
+from mlx_moe.experts import BACKENDS, run_loop
+from mlx_moe.kernels import fused, reference
+from mlx_moe.kernels.reference import max_rel, random_experts, random_inputs
+
+HAS_GPU = fused.gpu_backend() is not None
+if pytest is not None:
+    pytestmark = [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not HAS_GPU, reason="needs an MLX GPU backend (Metal or CUDA)"),
+    ]
+
+BF16, F16, F32 = mx.bfloat16, mx.float16, mx.float32
+BITS = (4, 8)
+GROUPS = (32, 64, 128)
+ACTS = ("silu", "gelu_tanh", "gelu", "relu", "swiglu_oai")
+MS = (1, 2, 4, 8)
+
+# Output tolerances (max |err| / max |ref|): y is written in the model dtype.
+REF_TOL = {F32: 1e-5, F16: 3e-3, BF16: 1e-2}
+LOOP_TOL = {F32: 1e-4, F16: 1e-2, BF16: 4e-2}
+
+RESULTS = []  # (name, max err vs reference, max err vs loop)
+
+
+def params(names, values):
+    """pytest.mark.parametrize that also leaves the values for run_all."""
+    def deco(f):
+        f.params = (names, values)
+        return pytest.mark.parametrize(names, values)(f) if pytest else f
+    return deco
+
+
+def _check(name, e, x, w, ids):
+    kernels.register()
+    y = BACKENDS["fused"].run(e, x, w, ids)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    y = np.array(y.astype(F32))
+    y_ref = reference.reference(e, x, w, ids)
+    y_loop = np.array(run_loop(e, x, w, ids).astype(F32))
+    er, el = max_rel(y, y_ref), max_rel(y, y_loop)
+    RESULTS.append((name, er, el))
+    assert np.isfinite(y).all(), name
+    assert er < REF_TOL[x.dtype], f"{name}: {er:.2e} vs reference"
+    assert el < LOOP_TOL[x.dtype], f"{name}: {el:.2e} vs loop"
+
+
+AFFINE = [(b, g, a) for b in BITS for g in GROUPS for a in ACTS]
+
+
+@params("bits,group,act", AFFINE)
+def test_affine(bits, group, act):
+    # H = 640: 20 (4-bit) / 40 (8-bit) 16-byte words per row, so lane tails;
+    # I = 384 rows, not a multiple of every block's row count.
+    e = random_experts(16, 640, 384, act, ("affine", bits, group), BF16,
+                       bias=(act == "swiglu_oai"), seed=bits * 1000 + group)
+    for m in MS:
+        x, w, ids = random_inputs(e, m, 4, BF16, seed=m)
+        _check(f"affine q{bits} g{group} {act} m={m}", e, x, w, ids)
+
+
+FORMATS = [
+    # fmt, activations/params dtype, expert biases, activation, (E, H, I, k)
+    (("mxfp4", 4, 32), BF16, True, "swiglu_oai", (16, 576, 320, 4)),
+    (("mxfp4", 4, 32), F16, False, "silu", (16, 512, 256, 2)),
+    (("float", 0, 0), BF16, False, "silu", (16, 512, 256, 4)),
+    (("float", 0, 0), F16, True, "gelu", (16, 512, 256, 4)),
+    (("float", 0, 0), F32, False, "relu", (16, 512, 256, 4)),
+    (("affine", 4, 64), F16, False, "gelu_tanh", (16, 512, 256, 6)),
+    (("affine", 8, 64), F32, True, "silu", (16, 512, 256, 4)),
+    (("affine", 4, 32), BF16, False, "silu", (64, 2880, 2880, 4)),  # gpt-oss dims
+]
+
+
+@params("fmt,dtype,bias,act,shape", FORMATS)
+def test_formats(fmt, dtype, bias, act, shape):
+    E, H, I, k = shape
+    e = random_experts(E, H, I, act, fmt, dtype, bias=bias, seed=H + I)
+    for m in (1, 3, 8):
+        x, w, ids = random_inputs(e, m, k, dtype, seed=m, ids_dtype=mx.int32 if m == 3 else mx.uint32)
+        _check(f"{fmt[0]} q{fmt[1]} {dtype} bias={bias} {act} {shape} m={m}", e, x, w, ids)
+
+
+TUNINGS = [
+    ({"lpr": 32, "rps": 1, "wpb": 8}, {"lpr": 8, "rb": 1, "wpb": 8}),
+    ({"lpr": 32, "rps": 4, "wpb": 2}, {"lpr": 8, "rb": 4, "wpb": 2}),
+    ({"lpr": 16, "rps": 2, "wpb": 4}, {"lpr": 4, "rb": 2, "wpb": 4}),
+    ({"lpr": 8, "rps": 3, "wpb": 4}, {"lpr": 32, "rb": 3, "wpb": 4}),
+]
+
+
+@params("tune_a,tune_b", TUNINGS)
+def test_launch_shapes(tune_a, tune_b):
+    e = random_experts(32, 2048, 768, "silu", ("affine", 4, 64), BF16, seed=7)
+    fused.set_tuning(tune_a, tune_b)
+    try:
+        for m in (1, 8):
+            x, w, ids = random_inputs(e, m, 8, BF16, seed=m)
+            _check(f"tuning {tune_a} {tune_b} m={m}", e, x, w, ids)
+    finally:
+        fused.reset_tuning()
+
+
+def test_auto_picks_fused_for_decode():
+    kernels.register()
+    e = random_experts(16, 512, 256, "silu", ("affine", 4, 64), BF16)
+    for m, want in ((1, "fused"), (8, "fused"), (9, "gather")):
+        x, w, ids = random_inputs(e, m, 4, BF16, seed=m)
+        assert e.select_backend(x, ids) == want
+        y = e(x.reshape(1, m, -1), w.reshape(1, m, -1), ids.reshape(1, m, -1))
+        assert y.shape == (1, m, 512) and y.dtype == BF16
+        y_ref = reference.reference(e, x, w, ids)
+        # gather_qmm in bf16 is the least exact path (CPU: ~5e-2)
+        tol = REF_TOL[BF16] if want == "fused" else 8e-2
+        assert max_rel(np.array(y.astype(F32)).reshape(m, -1), y_ref) < tol
+
+
+def test_qwen3_30b_shape():
+    e = random_experts(128, 2048, 768, "silu", ("affine", 4, 64), BF16, seed=3)
+    for m in (1, 8):
+        x, w, ids = random_inputs(e, m, 8, BF16, seed=m)
+        _check(f"qwen3-30b-a3b shape m={m}", e, x, w, ids)
+
+
+def run_all(log=print):
+    """Run every test here without pytest; returns (passed, failed)."""
+    import inspect
+    import sys
+    import traceback
+
+    mod = sys.modules[__name__]
+    passed = failed = 0
+    for name, f in inspect.getmembers(mod, inspect.isfunction):
+        if not name.startswith("test_"):
+            continue
+        names, values = getattr(f, "params", (None, [()]))
+        for v in values:
+            args = v if isinstance(v, tuple) else (v,)
+            try:
+                f(*args)
+                passed += 1
+                log(f"PASS {name}{args if names else ''}")
+            except Exception:
+                failed += 1
+                log(f"FAIL {name}{args if names else ''}\n{traceback.format_exc()}")
+    return passed, failed
