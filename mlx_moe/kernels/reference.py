@@ -32,20 +32,25 @@ def unpack_codes(w, bits):
     return q.reshape(*w.shape[:-1], w.shape[-1] * per)
 
 
-def dequantize(layer):
-    """float32 ``[E, out, in]`` weights of an ExpertLinear / QuantizedExpertLinear."""
+def dequantize(layer, experts=None):
+    """float32 ``[E, out, in]`` weights of an ExpertLinear / QuantizedExpertLinear
+    (only experts ``experts``, in that order, when given)."""
+    def get(name):
+        a = layer[name]
+        return a if experts is None else a[mx.array(np.asarray(experts, np.int32))]
+
     if "scales" not in layer:
-        return to_numpy(layer["weight"])
+        return to_numpy(get("weight"))
     mode = layer.mode
     if mode == "affine":
-        q = unpack_codes(layer["weight"], layer.bits).astype(np.float32)
+        q = unpack_codes(get("weight"), layer.bits).astype(np.float32)
         gs = layer.group_size
-        s = np.repeat(to_numpy(layer["scales"]), gs, axis=-1)
-        b = np.repeat(to_numpy(layer["biases"]), gs, axis=-1)
+        s = np.repeat(to_numpy(get("scales")), gs, axis=-1)
+        b = np.repeat(to_numpy(get("biases")), gs, axis=-1)
         return (s * q + b).astype(np.float32)
     if mode == "mxfp4":
-        q = unpack_codes(layer["weight"], 4)
-        s = np.array(layer["scales"]).astype(np.int32) - 127
+        q = unpack_codes(get("weight"), 4)
+        s = np.array(get("scales")).astype(np.int32) - 127
         scale = np.repeat(np.ldexp(np.float32(1), s).astype(np.float32), 32, axis=-1)
         return (E2M1[q] * scale).astype(np.float32)
     raise ValueError(f"no reference for mode {mode}")
@@ -80,11 +85,15 @@ def reference(experts, x, weights, ids, return_h=False):
     m = xs.shape[0]
     idn = np.array(ids).reshape(m, K).astype(np.int64)
     wt = to_numpy(weights).reshape(m, K).astype(np.float64)
-    g_w, u_w, d_w = (dequantize(p).astype(np.float64) for p in
+    used = np.unique(idn)
+    slot = {int(e): i for i, e in enumerate(used)}
+    g_w, u_w, d_w = (dequantize(p, used).astype(np.float64) for p in
                      (experts.gate_proj, experts.up_proj, experts.down_proj))
 
     def bias(layer):
-        return to_numpy(layer["bias"]).astype(np.float64) if "bias" in layer else None
+        if "bias" not in layer:
+            return None
+        return to_numpy(layer["bias"][mx.array(used.astype(np.int32))]).astype(np.float64)
 
     gb, ub, db = bias(experts.gate_proj), bias(experts.up_proj), bias(experts.down_proj)
     I = g_w.shape[1]
@@ -92,7 +101,7 @@ def reference(experts, x, weights, ids, return_h=False):
     y = np.zeros((m, H), np.float64)
     for t in range(m):
         for s in range(K):
-            e = idn[t, s]
+            e = slot[int(idn[t, s])]
             g = g_w[e] @ xs[t]
             u = u_w[e] @ xs[t]
             if gb is not None:
