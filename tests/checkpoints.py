@@ -298,8 +298,9 @@ def _expert_dims(cfg):
 
 def _is_sparse(cfg, l):
     arch = cfg["model_type"]
-    if arch == "qwen3_moe":
-        return l not in cfg["mlp_only_layers"] and (l + 1) % cfg["decoder_sparse_step"] == 0
+    if arch in ("qwen3_moe", "qwen2_moe"):
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        return l not in cfg.get("mlp_only_layers", []) and (l + 1) % step == 0
     if arch == "deepseek_v3":
         return l >= cfg["first_k_dense_replace"] and l % cfg["moe_layer_freq"] == 0
     return True

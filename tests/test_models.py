@@ -147,3 +147,53 @@ def test_load_returns_tokenizer(checkpoint):
     assert tokenizer.eos_token_id == 2
     theirs, _ = mlx_lm_load_model(Path(path))
     np.testing.assert_allclose(logits(model), logits(theirs), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------- Hugging Face transformers oracle
+# Independent of mlx-lm: transformers' PyTorch modelling code on the same files.
+# Needs a CPU torch (``pip install torch``); without it these tests skip.
+
+
+def hf_logits(path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([PROMPT])).logits.float().numpy()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_matches_transformers(arch, checkpoint):
+    """gpt-oss is checked in transformers' own layout (fused [E, H, 2I], interleaved)."""
+    path = checkpoint(arch, "gpt_oss" if arch == "gpt_oss" else None)
+    ours, _ = load_model(path)
+    np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mlp_only_layers": [1], "num_hidden_layers": 3, "norm_topk_prob": True},
+        {"decoder_sparse_step": 2, "num_hidden_layers": 3},
+    ],
+)
+def test_qwen2_moe_dense_layers_match_transformers(overrides, tmp_path):
+    """Qwen2-MoE's dense layers and norm_topk_prob, which mlx-lm's qwen2_moe ignores."""
+    path = checkpoints.write_checkpoint(tmp_path, "qwen2_moe", overrides=overrides, tokenizer=False)
+    ours, _ = load_model(path)
+    dense = [i for i, layer in enumerate(ours.layers) if not isinstance(layer.mlp, MoEBlock)]
+    assert dense == [i for i in range(3) if i not in checkpoints.moe_layers("qwen2_moe", {**checkpoints.tiny_config("qwen2_moe"), **overrides})]
+    assert dense
+    np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_fused_checkpoint_matches_transformers(arch, checkpoint):
+    """transformers v5 reads the fused ``gate_up_proj`` natively: it confirms what
+    the ``stacked`` fixture means (gate rows, then up rows)."""
+    path = checkpoint(arch, "stacked")
+    ours, _ = load_model(path)
+    np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
