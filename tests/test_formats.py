@@ -79,6 +79,19 @@ def test_float_layout_matches_per_expert(arch, layout, checkpoint):
 
 @pytest.mark.parametrize(
     "arch,layout",
+    [("qwen3_moe", "stacked_t"), ("mixtral", "stacked"), ("deepseek_v3", "moe_direct_per_expert"), ("gpt_oss", "gpt_oss")],
+)
+def test_layout_quantized_on_load_matches_mlx_lm(arch, layout, checkpoint):
+    """4-bit while streaming from a non-standard layout == mlx-lm quantizing the reference."""
+    ours, config = load_model(checkpoint(arch, layout), quantize={"bits": 4, "group_size": 32})
+    theirs, their_config = quantize_model(reference(arch, checkpoint=checkpoint), checkpoints.tiny_config(arch), 32, 4)
+    assert experts_of(ours)[0].quantized == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert_same_params(ours, theirs)
+    np.testing.assert_array_equal(logits(ours), logits(theirs))
+
+
+@pytest.mark.parametrize(
+    "arch,layout",
     [("qwen3_moe", "per_expert"), ("qwen3_moe", "stacked_t"), ("mixtral", "stacked"),
      ("deepseek_v3", "per_expert"), ("gpt_oss", "gpt_oss"), ("gpt_oss", "mlx_float")],
 )

@@ -173,6 +173,15 @@ def test_float32_matches_transformers(arch, checkpoint):
     np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
 
 
+def test_gpt_oss_layout_matches_transformers_with_truncated_yarn(tmp_path):
+    """The same check as above with YaRN's ``truncate: true``: isolates the expert
+    layout, sinks, sliding window and clamped SwiGLU from the YaRN variant."""
+    rope = {**checkpoints.tiny_config("gpt_oss")["rope_scaling"], "truncate": True}
+    path = checkpoints.write_checkpoint(tmp_path, "gpt_oss", "gpt_oss", overrides={"rope_scaling": rope}, tokenizer=False)
+    ours, _ = load_model(path)
+    np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
