@@ -38,7 +38,10 @@ MS = (1, 2, 4, 8)
 
 # Output tolerances (max |err| / max |ref|): y is written in the model dtype.
 REF_TOL = {F32: 1e-5, F16: 3e-3, BF16: 1e-2}
-LOOP_TOL = {F32: 1e-4, F16: 1e-2, BF16: 4e-2}
+# The loop backend's float32 matmuls with several rows run in TF32 on CUDA
+# (seen on the H100: 4.6e-4 at m=3 while the fused result was within 2.6e-7
+# of the float64 reference), hence its looser float32 bound.
+LOOP_TOL = {F32: 2e-3, F16: 1e-2, BF16: 4e-2}
 
 RESULTS = []  # (name, max err vs reference, max err vs loop)
 

@@ -130,37 +130,38 @@ def layer_configs(experts, x, ids, weights=None):
     ins_a, ins_b = _layer_inputs(experts, x, ids, weights, p)
     tpl = lambda t: tuple((n, _tname(v)) for n, v in t)  # noqa: E731
     types_a = tuple(_tname(a.dtype) for a in ins_a)
-    types_b = ("float32",) + tuple(_tname(a.dtype) for a in ins_b[1:])
+    types_b = tuple(_tname(a.dtype) for a in ins_b)
     return [
         ("moe_gate_up", tpl(p.template_a), types_a, ("float32",)),
         ("moe_down", tpl(p.template_b), types_b, (DTYPE[x.dtype],)),
     ]
 
 
-def _layer_inputs(experts, x, ids, weights, p):
-    m, K, H = p.m, p.k, p.hidden
-    x2 = x.reshape(m, H)
-    ids2 = ids.reshape(m * K)
-    tw = (weights if weights is not None else mx.ones(ids.shape, mx.float32)).reshape(m * K)
-    gw, gs, gb, gbias = fused._inputs(experts.gate_proj, x2)
-    uw, us, ub, ubias = fused._inputs(experts.up_proj, x2)
-    dw, ds, db, dbias = fused._inputs(experts.down_proj, x2)
-    ins_a = [x2, ids2, gw, gs, gb, uw, us, ub, gbias, ubias]
-    ins_b = [None, ids2, tw, dw, ds, db, dbias]
+def _layer_inputs(experts, x, ids, weights, p, h=None):
+    """Kernel inputs in the order and with the dummies fused.py uses."""
+    m, K = p.m, p.k
+    tw = weights if weights is not None else mx.ones(ids.shape, mx.float32)
+    if h is None:
+        h = mx.zeros((m * K, p.inter), mx.float32)
+    gw, gs, gb, gbias = fused._inputs(experts["gate_proj"], x)
+    uw, us, ub, ubias = fused._inputs(experts["up_proj"], x)
+    dw, ds, db, dbias = fused._inputs(experts["down_proj"], h)
+    ins_a = [x, ids, gw, gs, gb, uw, us, ub, gbias, ubias]
+    ins_b = [h, ids, tw, dw, ds, db, dbias]
     return ins_a, ins_b
 
 
 def run_layer(lib, experts, x, weights, ids):
     """Emulated fused layer: ``(y, h)`` as NumPy (y float32 from x's dtype)."""
     p = fused.plan(experts, x, ids)
-    ins_a, ins_b = _layer_inputs(experts, x, ids, weights, p)
+    ins_a, _ = _layer_inputs(experts, x, ids, weights, p)
     tpl_a = [(n, _tname(v)) for n, v in p.template_a]
     tpl_b = [(n, _tname(v)) for n, v in p.template_b]
     (h,) = lib.launch("moe_gate_up", tpl_a, ins_a, [(p.m * p.k, p.inter)], ("float32",),
                       p.grid_a, p.tg_a)
-    ins_b[0] = mx.array(h)
+    _, ins_b = _layer_inputs(experts, x, ids, weights, p, h=mx.array(h))
     yt = DTYPE[x.dtype]
-    (y,) = lib.launch("moe_down", tpl_b, ins_b, [(p.m, p.hidden)], (yt,), p.grid_b, p.tg_b)
+    (y,) = lib.launch("moe_down", tpl_b, ins_b, [x.shape], (yt,), p.grid_b, p.tg_b)
     if yt == "bfloat16":
         y = bf16_to_float(y)
-    return y.astype(np.float32), h
+    return y.astype(np.float32).reshape(p.m, p.hidden), h

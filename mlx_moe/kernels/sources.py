@@ -83,6 +83,24 @@ def source(kernel: str, backend: str) -> str:
     return PROLOGUE[backend] + read(KERNELS[kernel][0])
 
 
+def minify(text: str) -> str:
+    """Drop comments, indentation and blank lines (same code, shorter string).
+
+    MLX hashes and copies the whole kernel source on every call of a custom
+    kernel, so the runtime strings are kept short.
+    """
+    out = []
+    for line in text.splitlines():
+        s = line.strip()
+        if not s or s.startswith("//"):
+            continue
+        i = s.find("//")
+        if i >= 0 and '"' not in s[i:]:
+            s = s[:i].rstrip()
+        out.append(s)
+    return "\n".join(out) + "\n"
+
+
 def input_names(kernel):
     return list(KERNELS[kernel][1])
 
