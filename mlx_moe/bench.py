@@ -334,8 +334,10 @@ def time_impls(impls: Dict[str, Callable], x0, routes, budget_s: float, repeats:
         name: {
             "first_s": first[name],
             "single_s": median(single[name]),
+            "single_min_s": min(single[name]),
             "single_samples": len(single[name]),
             "chain_s": median(chain[name]),
+            "chain_min_s": min(chain[name]),
             "chain_len": chain_len,
             "chain_repeats": repeats,
             "output": outputs[name],
@@ -449,8 +451,10 @@ def bench_layer_shape(shape: LayerShape, bits: int, args, rate: float, mem: int,
                     "flops_per_call": shape.flops(m),
                     "first_call_us": r["first_s"] * 1e6,
                     "single": {**layer_metrics(r["single_s"], m, shape.k, shape.H, shape.I, bytes_read),
+                               "us_min": r.get("single_min_s", r["single_s"]) * 1e6,
                                "samples": r["single_samples"]},
                     "chain": {**layer_metrics(r["chain_s"], m, shape.k, shape.H, shape.I, bytes_read),
+                              "us_min": r.get("chain_min_s", r["chain_s"]) * 1e6,
                               "len": r["chain_len"], "repeats": r["chain_repeats"]},
                     "build_s": build_s,
                 }
@@ -496,7 +500,7 @@ def bench_layers(args, log) -> dict:
         "memory_budget_gb": mem / GB,
         "generation_rate_per_s": rate,
         "definitions": {
-            "us": "median wall time per call",
+            "us": "median wall time per call (us_min: the fastest sample)",
             "single": "one call per mx.eval (includes per-eval launch/sync cost)",
             "chain": "N dependent calls (input = RMS-normalised previous output), one mx.eval, time/N",
             "bytes_per_call": "distinct experts touched by the call's routing (mean over draws) x bytes of one expert (gate+up+down weights, scales, biases, expert biases)",
@@ -514,16 +518,17 @@ def bench_layers(args, log) -> dict:
 
 def format_layer_rows(rows, header=True) -> str:
     lines = []
+    w = max([15] + [len(r["shape"]) + 1 for r in rows])
     if header:
         lines.append(
-            f"{'shape':<15}{'bits':>4}{'m':>6}  {'impl':<22}{'chain µs':>11}{'GB/s':>9}{'TFLOP/s':>9}"
+            f"{'shape':<{w}}{'bits':>4}{'m':>6}  {'impl':<18}{'chain µs':>11}{'GB/s':>9}{'TFLOP/s':>9}"
             f"{'single µs':>11}{'×chain':>8}{'×single':>8}{'rel err':>9}"
         )
     for r in rows:
         sp = r.get("speedup_vs_mlx_lm")
         impl = "mlx-lm" if r["impl"] == "mlx-lm" else f"ours:{r['backend']}"
         lines.append(
-            f"{r['shape']:<15}{r['bits']:>4}{r['m']:>6}  {impl:<22}{r['chain']['us']:>11.1f}{r['chain']['gbs']:>9.2f}"
+            f"{r['shape']:<{w}}{r['bits']:>4}{r['m']:>6}  {impl:<18}{r['chain']['us']:>11.1f}{r['chain']['gbs']:>9.2f}"
             f"{r['chain']['tflops']:>9.3f}{r['single']['us']:>11.1f}"
             + (f"{sp['chain']:>8.2f}{sp['single']:>8.2f}{r['max_rel_err_vs_mlx_lm']:>9.1e}" if sp else f"{'1':>8}{'1':>8}{'':>9}")
         )
@@ -695,30 +700,33 @@ def bench_e2e(args, log) -> dict:
 
 
 def format_e2e(res) -> str:
+    done = [r for r in res["results"] if "skipped" not in r]
+    Ts = sorted({int(T) for r in done for v in r["impls"].values() for T in v["prefill"]})
+    cw = max([18] + [len(r["config"]) + 1 for r in done])
     lines = []
-    for r in res["results"]:
-        if "skipped" in r:
-            lines.append(f"{r['config']} q{r['bits']}: skipped ({r['skipped']})")
-            continue
-        Ts = sorted({int(T) for v in r["impls"].values() for T in v["prefill"]})
-        head = f"{'config':<18}{'bits':>4}  {'impl':<13}{'1st fwd s':>10}" + "".join(
-            f"{'pf' + str(T) + ' tok/s':>14}" for T in Ts) + f"{'decode tok/s':>14}{'peak GB':>9}"
-        lines.append(head)
+    if done:
+        lines.append(f"{'config':<{cw}}{'bits':>4}  {'impl':<13}{'1st fwd s':>10}"
+                     + "".join(f"{'pf' + str(T) + ' tok/s':>14}" for T in Ts)
+                     + f"{'decode tok/s':>14}{'peak GB':>9}")
+    for r in done:
         for k, v in r["impls"].items():
             ff = v.get("first_forward_s")
-            pk = max([p["peak_gb"] for p in v["prefill"].values()] + [v["decode"].get("peak_gb", 0) if v["decode"] else 0])
+            peaks = [p["peak_gb"] for p in v["prefill"].values()] + ([v["decode"]["peak_gb"]] if v["decode"] else [])
             lines.append(
-                f"{r['config']:<18}{r['bits']:>4}  {k:<13}" + (f"{ff:>10.3f}" if ff is not None else f"{'-':>10}")
+                f"{r['config']:<{cw}}{r['bits']:>4}  {k:<13}" + (f"{ff:>10.3f}" if ff is not None else f"{'-':>10}")
                 + "".join(f"{v['prefill'][str(T)]['tok_s']:>14.1f}" if str(T) in v["prefill"] else f"{'-':>14}" for T in Ts)
-                + (f"{v['decode']['tok_s']:>14.1f}" if v["decode"] else f"{'-':>14}") + f"{pk:>9.2f}"
+                + (f"{v['decode']['tok_s']:>14.1f}" if v["decode"] else f"{'-':>14}") + f"{max(peaks, default=0):>9.3f}"
             )
             sp = v.get("speedup_vs_mlx_lm")
             if sp:
                 lines.append(
-                    f"{'':<22}  {'  ×mlx-lm':<13}" + (f"{sp['first_forward']:>10.2f}" if "first_forward" in sp else f"{'-':>10}")
+                    f"{'':<{cw + 4}}  {'  ×mlx-lm':<13}" + (f"{sp['first_forward']:>10.2f}" if "first_forward" in sp else f"{'-':>10}")
                     + "".join(f"{sp['prefill_' + str(T)]:>14.2f}" if f"prefill_{T}" in sp else f"{'-':>14}" for T in Ts)
                     + (f"{sp['decode']:>14.2f}" if sp.get("decode") else f"{'-':>14}")
                 )
+    for r in res["results"]:
+        if "skipped" in r:
+            lines.append(f"{r['config']} q{r['bits']}: skipped ({r['skipped']})")
     return "\n".join(lines)
 
 
@@ -936,7 +944,15 @@ def machine_info() -> dict:
         "git_commit": commit,
         "backends": sorted(BACKENDS),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": _loadavg(),
     }
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
 
 
 def plot_layer(rows: list, path, peak_gbs: Optional[float] = None):
@@ -1067,6 +1083,7 @@ def main(argv=None):
             log(f"[load] ERROR {type(e).__name__}: {e}")
             report["load"] = {"skipped": f"error: {type(e).__name__}: {e}"}
     report["total_s"] = time.perf_counter() - t_all
+    meta["loadavg_end"] = _loadavg()
 
     print()
     if "layer" in report:
@@ -1083,7 +1100,8 @@ def main(argv=None):
         print("== Convert (bf16 HF checkpoint on disk -> quantized folder), fresh subprocess each ==")
         print(format_load(report["load"]))
         print()
-    print(f"total {report['total_s']:.1f} s")
+    la = meta["loadavg_end"]
+    print(f"total {report['total_s']:.1f} s" + (f"; load average {la[0]:.1f} on {meta['cpu_count']} CPUs" if la else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
         print(f"wrote {args.json}")
