@@ -224,7 +224,7 @@ def test_generated_metal_sections_are_the_sources():
         assert gen.extract(text, "SOURCE") == sources.source(kernel, "metal").rstrip("\n")
 
 
-def _metal_units():
+def _metal_units(minified):
     """MLX-assembled Metal sources of a spread of configs, with instantiation."""
     units = []
     a_types = ["bfloat16", "uint32", "uint32", "bfloat16", "bfloat16", "uint32",
@@ -238,7 +238,7 @@ def _metal_units():
         # ids of 4 elements go to the constant address space
         units.append(sources.assemble_metal(
             "moe_gate_up", f"moe_gate_up_{n}", a_types, [256, 4] + [1000] * 8,
-            ["float32"], tpl))
+            ["float32"], tpl, minified=minified))
         tpl_b = [("WK", wk), ("BITS", bits), ("GS", gs), ("HAS_BIAS", n % 2),
                  ("IN_DIM", 96 if wk < 2 else 96), ("OUT_DIM", 256), ("TOPK", 4),
                  ("N_EXPERTS", 8), ("LPR", 8), ("RB", 2), ("WPB", 4),
@@ -247,7 +247,7 @@ def _metal_units():
             "moe_down", f"moe_down_{n}",
             ["float32", "int32", "float32", "uint32", "uint8" if wk == 1 else "float16",
              "float16", "float16"], [1000, 4, 4, 1000, 1000, 1000, 1000],
-            [["float32", "float16", "bfloat16"][n % 3]], tpl_b))
+            [["float32", "float16", "bfloat16"][n % 3]], tpl_b, minified=minified))
     return units
 
 
@@ -257,24 +257,27 @@ def _gxx():
 
 @pytest.mark.skipif(_gxx() is None, reason="no host C++ compiler")
 def test_metal_emission_syntax(tmp_path):
-    units = _metal_units()
-    hdr = sources.header("metal")
-    text = hdr + "\n".join(u.replace(hdr, "", 1) for u in units)
-    # the generated standalone files too (instantiated once each)
     gen = _gen_metal()
-    for kernel, tpl in (
-        ("moe_gate_up", "<2, 0, 4, 64, 0, 0, 2048, 768, 8, 128, 32, 2, 4>"),
-        ("moe_down", "<0, 4, 64, 0, 768, 2048, 8, 128, 8, 2, 4, bfloat>"),
-    ):
-        body = (gen.OUT_DIR / f"{kernel}.metal").read_text()
-        body = body[body.index("// MOE-HEADER-END"):]
-        text += body + f"\ntemplate [[kernel]] decltype({kernel}{tpl}) {kernel}{tpl};\n"
-    src = tmp_path / "metal_check.cpp"
-    src.write_text(text)
-    r = subprocess.run(
-        [_gxx(), "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-Wno-unknown-pragmas",
-         "-I", str(SHIM), str(src)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
+    # the readable strings, and the minified ones fused.py hands to MLX
+    for minified in (False, True):
+        hdr = sources.header("metal")
+        hdr = sources.minify(hdr) if minified else hdr
+        text = hdr + "\n".join(u.replace(hdr, "", 1) for u in _metal_units(minified))
+        if not minified:  # the generated standalone files too, instantiated once each
+            for kernel, tpl in (
+                ("moe_gate_up", "<2, 0, 4, 64, 0, 0, 2048, 768, 8, 128, 32, 2, 4>"),
+                ("moe_down", "<0, 4, 64, 0, 768, 2048, 8, 128, 8, 2, 4, bfloat>"),
+            ):
+                body = (gen.OUT_DIR / f"{kernel}.metal").read_text()
+                body = body[body.index("// MOE-HEADER-END"):]
+                text += body + f"\ntemplate [[kernel]] decltype({kernel}{tpl}) {kernel}{tpl};\n"
+        src = tmp_path / f"metal_check_{int(minified)}.cpp"
+        src.write_text(text)
+        r = subprocess.run(
+            [_gxx(), "-std=c++17", "-fsyntax-only", "-Wno-attributes",
+             "-Wno-unknown-pragmas", "-I", str(SHIM), str(src)],
+            capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -289,8 +292,10 @@ def test_cuda_emission_compiles(tmp_path):
     cfgs = [cfgs[0], cfgs[3]]  # gate_up affine+bias+swiglu_oai (bf16), down mxfp4 (f16)
     units = []
     for n, (kernel, tpl, in_t, out_t) in enumerate(cfgs):
-        u = sources.assemble_cuda(kernel, f"{kernel}_{n}", in_t, out_t, list(tpl), mlx_header=stub)
-        units.append(u if n == 0 else u.replace(stub + sources.header("cuda"), ""))
+        # minified: the strings fused.py hands to mx.fast.cuda_kernel
+        u = sources.assemble_cuda(kernel, f"{kernel}_{n}", in_t, out_t, list(tpl),
+                                  mlx_header=stub, minified=True)
+        units.append(u if n == 0 else u.replace(stub + sources.minify(sources.header("cuda")), ""))
     src = tmp_path / "fused_check.cu"
     src.write_text("\n".join(units))
     r = subprocess.run(

@@ -37,7 +37,7 @@ AFFINE_GROUPS = (32, 64, 128)
 # Launch shape. lpr=None picks lanes-per-row from the row length.
 DEFAULT_TUNING = {
     "a": {"lpr": None, "rps": 2, "wpb": 4},
-    "b": {"lpr": None, "rb": 2, "wpb": 4},
+    "b": {"lpr": None, "rb": 4, "wpb": 4},
 }
 TUNING = {k: dict(v) for k, v in DEFAULT_TUNING.items()}
 

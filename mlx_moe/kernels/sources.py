@@ -156,7 +156,7 @@ def _tvalue(backend, v):
 
 
 def assemble_metal(kernel, func_name, in_types, in_sizes, out_types, template,
-                   instantiate=True):
+                   instantiate=True, minified=False):
     """Metal source as MLX 0.32's ``metal_kernel`` writes it.
 
     ``in_types``/``out_types`` are dtype names, ``in_sizes`` element counts (MLX
@@ -164,8 +164,9 @@ def assemble_metal(kernel, func_name, in_types, in_sizes, out_types, template,
     ``template`` a list of (name, int or dtype name).
     """
     names_in, names_out = input_names(kernel), output_names(kernel)
-    src = source(kernel, "metal")
-    out = [header("metal")]
+    mini = minify if minified else (lambda t: t)
+    src = mini(source(kernel, "metal"))
+    out = [mini(header("metal"))]
     if template:
         kinds = ["typename" if isinstance(v, str) else "int" for _, v in template]
         out.append("template <" + ", ".join(
@@ -193,7 +194,7 @@ def assemble_metal(kernel, func_name, in_types, in_sizes, out_types, template,
 
 
 def _assemble_flat(backend, kernel, func_name, in_types, out_types, template,
-                   qualifier):
+                   qualifier, minified=False):
     """CUDA (as MLX 0.32's ``cuda_kernel`` writes it) or host emulation source."""
     names_in, names_out = input_names(kernel), output_names(kernel)
     tn = TYPE_NAMES[backend]
@@ -205,12 +206,13 @@ def _assemble_flat(backend, kernel, func_name, in_types, out_types, template,
             out.append(f"  using {n} = {tn[v]};\n")
         else:
             out.append(f"  constexpr int {n} = {int(v)};\n")
-    out.append("\n" + source(kernel, backend) + "\n}\n")
+    src = source(kernel, backend)
+    out.append("\n" + (minify(src) if minified else src) + "\n}\n")
     return "".join(out)
 
 
 def assemble_cuda(kernel, func_name, in_types, out_types, template,
-                  mlx_header=None):
+                  mlx_header=None, minified=False):
     """CUDA translation unit as MLX builds it for NVRTC.
 
     MLX starts with ``#include "mlx/backend/cuda/device/utils.cuh"`` and
@@ -220,8 +222,9 @@ def assemble_cuda(kernel, func_name, in_types, out_types, template,
         '#include "mlx/backend/cuda/device/utils.cuh"\n\n'
         "#include <cooperative_groups.h>\n\n")
     body = _assemble_flat("cuda", kernel, func_name, in_types, out_types,
-                          template, "__global__ ")
-    return (default + header("cuda") + "namespace mlx::core::cu {\n\n"
+                          template, "__global__ ", minified)
+    hdr = minify(header("cuda")) if minified else header("cuda")
+    return (default + hdr + "namespace mlx::core::cu {\n\n"
             "namespace cg = cooperative_groups;\n\n" + body
             + "\n} // namespace mlx::core::cu\n")
 
