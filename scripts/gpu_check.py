@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The whole GPU check of the fused decode kernels, in one process.
 
-    python scripts/gpu_check.py [--skip-tests] [--skip-sweep] [--iters N]
+    python scripts/gpu_check.py [--tests full|quick|none] [--skip-sweep] [--iters N]
+    ncu --kernel-name regex:moe_ --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+        python scripts/gpu_check.py --ncu-target     # GPU-side kernel times only
 
 1. runs tests/test_kernels_gpu.py (with pytest when importable, else through
    its ``run_all``) and writes the max error of every case;
@@ -69,15 +71,17 @@ def device_info():
 # -------------------------------------------------------------------- tests
 
 
-def run_tests():
+def run_tests(mode="full"):
     t0 = time.time()
     try:
         import pytest
     except ImportError:
         pytest = None
     if pytest is not None:
-        log("== pytest tests/test_kernels_gpu.py -m gpu")
-        rc = pytest.main(["-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider",
+        log(f"== pytest tests/test_kernels_gpu.py -m gpu ({mode})")
+        # quick: every format/launch-shape test, affine combos with silu only
+        sel = ["-k", "not test_affine or silu"] if mode == "quick" else []
+        rc = pytest.main(["-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider", *sel,
                           str(ROOT / "tests" / "test_kernels_gpu.py")])
         mod = next((m for n, m in sys.modules.items() if n.endswith("test_kernels_gpu")), None)
         status = f"pytest exit code {int(rc)}"
@@ -228,6 +232,20 @@ def run_timing(args):
     return {"rows": rows, "sweep": sweep}
 
 
+def ncu_target():
+    """A few m=1 fused layers on distinct weights, for a profiler to time."""
+    kernels.register()
+    global _TEMPLATE
+    layers = make_layers(2)
+    _TEMPLATE = layers[0]
+    ins = make_inputs(1, 8)
+    for i in range(8):
+        mx.eval(BACKENDS["fused"].run(layers[i % 2], *ins[i]))
+    mx.synchronize()
+    log("ncu target done")
+    return 0
+
+
 def write_markdown(info, tests, timing):
     lines = [f"# fused MoE decode kernels: GPU check", "",
              f"- device: {info.get('gpu')}; MLX {info['mlx']} ({info['backend']})",
@@ -261,7 +279,10 @@ def write_markdown(info, tests, timing):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--tests", choices=("full", "quick", "none"), default="full",
+                    help="GPU test selection (full: ~6 min on an H100, mostly NVRTC compiles)")
+    ap.add_argument("--ncu-target", action="store_true",
+                    help="only run a few fused m=1 layers (to be wrapped by ncu/nsys)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--layers", type=int, default=4)
@@ -274,7 +295,9 @@ def main():
         log("no MLX GPU backend: nothing to check")
         return 2
     t0 = time.time()
-    tests = {} if args.skip_tests else run_tests()
+    if args.ncu_target:
+        return ncu_target()
+    tests = {} if args.tests == "none" else run_tests(args.tests)
     timing = {}
     try:
         timing = run_timing(args)
