@@ -30,22 +30,6 @@ def checkpoint(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
-def mlx_lm_model():
-    """``mlx_lm_model(path) -> (model, config)`` via mlx-lm's own loader, cached per path."""
-    from mlx_lm.utils import load_model
-
-    cache = {}
-
-    def load(path):
-        path = Path(path)
-        if path not in cache:
-            cache[path] = load_model(path)
-        return cache[path]
-
-    return load
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)

@@ -4,7 +4,6 @@ mlx-lm's own dequantization of the same tensors; broken checkpoints fail with a
 message that says where."""
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -161,7 +160,7 @@ def test_fp8_matches_per_expert(arch, checkpoint):
     per-expert checkpoint's floats exactly, experts and attention alike."""
     path = checkpoint(arch, "fp8")
     header = checkpoints.read_safetensors_header(path / "model.safetensors")
-    name = f"model.layers.1.mlp.experts.3.gate_proj.weight"
+    name = "model.layers.1.mlp.experts.3.gate_proj.weight"
     assert header[name]["dtype"] == "F8_E4M3" and header[name]["shape"] == [160, 64]
     assert header[name + "_scale_inv"]["shape"] == [2, 1]
     assert header["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"]["shape"] == [1, 2]
