@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .experts import MoEExperts
-from .formats import ExpertContext, dequantize_fp8_rest, extract_experts
+from .formats import EXTRA_CONTAINERS, ExpertContext, dequantize_fp8_rest, extract_experts
 from .models import MoEBlock, build_model
 from .models.base import Architecture
 from .quantization import (
@@ -175,7 +175,7 @@ class StreamingLoader:
             get=lambda n: self.ckpt.get(prefix + n),
             shape=lambda n: self.ckpt.shapes[prefix + n],
             ours=self.arch.experts_prefix,
-            containers=layout.hf_containers + ("moe.experts", "moe"),
+            containers=layout.hf_containers + EXTRA_CONTAINERS,
             proj_names=layout.proj_names,
             num_experts=experts.num_experts,
             hidden=experts.down_proj.output_dims,

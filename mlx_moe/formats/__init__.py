@@ -15,8 +15,9 @@ from .fp8 import dequantize_fp8_blocks, dequantize_fp8_rest
 # Tried in order; the first layout that recognises the layer wins.
 FORMATS = [mlx_stacked, mxfp4, stacked, per_expert]
 
-# Containers every architecture may use besides its own (Gemma-4 style ``moe.*``).
-EXTRA_CONTAINERS = ("moe.experts", "moe")
+# Containers every architecture may use besides its own: Gemma-4 style ``moe.*``
+# and experts hung directly on the layer.
+EXTRA_CONTAINERS = ("moe.experts", "moe", "experts")
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -64,4 +65,4 @@ def extract_experts(ctx: ExpertContext) -> Dict[str, object]:
     return {}
 
 
-__all__ = ["ExpertContext", "FORMATS", "extract_experts", "dequantize_fp8_blocks", "dequantize_fp8_rest"]
+__all__ = ["EXTRA_CONTAINERS", "ExpertContext", "FORMATS", "extract_experts", "dequantize_fp8_blocks", "dequantize_fp8_rest"]
