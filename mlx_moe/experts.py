@@ -49,13 +49,13 @@ class ExpertLinear(nn.Module):
         return self.weight[e]
 
     def __call__(self, x, indices, sorted_indices=False):
-        y = mx.gather_mm(
-            x,
-            self["weight"].swapaxes(-1, -2),
-            rhs_indices=indices,
-            sorted_indices=sorted_indices,
-        )
-        return _add_bias(self, y, indices)
+        w = self["weight"]
+        dtype = x.dtype
+        if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm handles float32 only.
+            x, w = x.astype(mx.float32), w.astype(mx.float32)
+        y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return _add_bias(self, y.astype(dtype), indices)
 
     def to_quantized(self, group_size=64, bits=4, mode="affine", **_):
         q = QuantizedExpertLinear.__new__(QuantizedExpertLinear)

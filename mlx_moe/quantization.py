@@ -68,7 +68,9 @@ def plan_quantization(model: nn.Module, spec: QuantSpec) -> Dict[str, dict]:
         if choice is True:
             plan[path] = spec.params()
         elif isinstance(choice, dict):
-            plan[path] = {**spec.params(), **choice}
+            # mlx-lm calls to_quantized(**choice): unnamed settings take the
+            # method defaults (affine), not the requested mode.
+            plan[path] = {"group_size": 64, "bits": 4, "mode": "affine", **choice}
     return plan
 
 

@@ -19,12 +19,18 @@ def checkpoint(tmp_path_factory):
     """
     cache = {}
 
-    def make(arch, layout=None, dtype="float32", shards=1, seed=0):
+    def make(arch, layout=None, dtype="float32", shards=1, seed=0, mlx_lm_rope=False):
         layout = layout or checkpoints.reference_layout(arch)
-        key = (arch, layout, dtype, shards, seed)
+        key = (arch, layout, dtype, shards, seed, mlx_lm_rope)
         if key not in cache:
             path = tmp_path_factory.mktemp(f"{arch}-{layout}-{dtype}-{shards}-{seed}")
-            cache[key] = checkpoints.write_checkpoint(path, arch, layout, dtype, shards, seed)
+            overrides = None
+            if mlx_lm_rope and arch == "gpt_oss":
+                # mlx-lm ignores YaRN's truncate: false (we follow HF); compare on
+                # the variant both implement. The HF tests cover truncate: false.
+                rope = {**checkpoints.tiny_config(arch)["rope_scaling"], "truncate": True}
+                overrides = {"rope_scaling": rope}
+            cache[key] = checkpoints.write_checkpoint(path, arch, layout, dtype, shards, seed, overrides=overrides)
         return cache[key]
 
     return make

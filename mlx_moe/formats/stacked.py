@@ -44,26 +44,33 @@ def split_gate_up(ctx, t, axis):
     return mx.contiguous(t[idx(slice(0, I))]), mx.contiguous(t[idx(slice(I, None))])
 
 
+def _square_tie(ctx, name, out_dim, in_dim):
+    """Orientation a non-square tensor reveals, for its square sibling."""
+    shape = ctx.shape(name)[1:] if name else None
+    if name is None or out_dim == in_dim or len(shape) != 2:
+        return None
+    return "out_in" if shape == (out_dim, in_dim) else "in_out"
+
+
 def extract(ctx):
     H, I = ctx.hidden, ctx.intermediate
     out = {}
     c, gu = _find(ctx, "gate_up_proj")
-    tie = ctx.orientation
+    cd, down = _find(ctx, "down_proj")
+    # A square tensor follows the orientation its non-square sibling reveals.
+    tie = _square_tie(ctx, down, H, I) or _square_tie(ctx, gu, 2 * I, H) or ctx.orientation
     if gu is not None:
-        w, tie = orient(ctx, gu, 2 * I, H, ctx.orientation)
+        w, _ = orient(ctx, gu, 2 * I, H, tie)
         out["gate_proj.weight"], out["up_proj.weight"] = split_gate_up(ctx, w, -2)
         if f"{c}.gate_up_proj_bias" in ctx.names:
             b = ctx.take(f"{c}.gate_up_proj_bias")
             out["gate_proj.bias"], out["up_proj.bias"] = split_gate_up(ctx, b, -1)
     else:
         for proj in ("gate_proj", "up_proj"):
-            cp, name = _find(ctx, proj)
+            _, name = _find(ctx, proj)
             if name is not None:
                 out[f"{proj}.weight"], tie = orient(ctx, name, I, H, tie)
-                c = cp
-    cd, down = _find(ctx, "down_proj")
     if down is not None:
-        # A square down_proj follows the orientation its gate_up_proj revealed.
         out["down_proj.weight"], _ = orient(ctx, down, H, I, tie)
         if f"{cd}.down_proj_bias" in ctx.names:
             out["down_proj.bias"] = ctx.take(f"{cd}.down_proj_bias")

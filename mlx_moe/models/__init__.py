@@ -34,6 +34,8 @@ def build_model(config: dict):
             continue
         dense = arch.dense_override and arch.dense_override(args, config, idx)
         setattr(layer, arch.moe_attr, dense or arch.moe_block(args, config))
+    if arch.finalize:
+        arch.finalize(model, args, config)
     return model, arch
 
 

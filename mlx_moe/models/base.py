@@ -74,6 +74,8 @@ class Architecture:
     # (args, config, layer_idx) -> an nn.Module for layers mlx-lm builds as MoE
     # but the config marks dense; None when mlx-lm already handles it.
     dense_override: Optional[Callable] = None
+    # (model, args, config) -> None: checkpoint-config quirks mlx-lm's classes miss.
+    finalize: Optional[Callable] = None
 
     @property
     def experts_prefix(self):
