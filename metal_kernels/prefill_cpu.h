@@ -69,8 +69,8 @@ PF_FUNC pf_u32 pf_pack2f(float lo, float hi, T) {
 // lanes publish their fragments, then each computes its own D fragment from
 // the PTX layout. The warp tile itself comes from prefill_mma16816.h.
 extern thread_local int pf_cpu_lane, pf_cpu_warp;
-extern std::barrier<>* pf_cpu_warp_barrier[PF_THREADS / 32];
-extern uint32_t pf_cpu_stage[PF_THREADS / 32][32][6];
+extern std::barrier<>* pf_cpu_warp_barrier[];
+extern uint32_t pf_cpu_stage[][32][6];
 
 PF_FUNC float pf_half_bits(uint32_t w, int hi, pf_bf16) {
   pf_bf16 v;

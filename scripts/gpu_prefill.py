@@ -157,21 +157,34 @@ def phase_timing(ex, label="q4 g64"):
         row = dict(fmt=label, T=T, gflop=flop / 1e9)
         launch = pf.mlx_launcher()
         order, segs, tiles, slots = pf.plan(ids, E)
-        tok = order // k
-        mx.eval(order, segs, tiles, tok)
-        h = pf._launch_proj(launch, x, tok, tiles, segs, slots,
-                            (ex.gate_proj, ex.up_proj), True, 0, x.dtype)
-        mx.eval(h)
+        mx.eval(order, segs, tiles)
+        h = pf._launch_proj(launch, x, order, tiles, segs, slots,
+                            (ex.gate_proj, ex.up_proj), True, 0, x.dtype, topk=k)
+        y = pf._launch_proj(launch, h, order, tiles, segs, slots,
+                            (ex.down_proj,), False, 0, x.dtype)
+        mx.eval(h, y)
         variants = {
             "ours": lambda: pf.run_prefill(ex, x, w, ids),
+            "ours_kernels": lambda: pf.run_prefill(ex, x, w, ids, kernels=True),
+            "ours_kernels_bk64": lambda: pf.run_prefill(ex, x, w, ids, bk=64, kernels=True),
+            "ours_plan_kernel": lambda: pf.plan_kernel(ids, E)[:3],
             "ours_plan": lambda: pf.plan(ids, E)[:3],
             "ours_gate_up": lambda: pf._launch_proj(
-                launch, x, tok, tiles, segs, slots, (ex.gate_proj, ex.up_proj), True, 0, x.dtype),
+                launch, x, order, tiles, segs, slots, (ex.gate_proj, ex.up_proj), True, 0,
+                x.dtype, topk=k),
             "ours_down": lambda: pf._launch_proj(
                 launch, h, order, tiles, segs, slots, (ex.down_proj,), False, 0, x.dtype),
+            "ours_combine": lambda: pf.combine(launch, y, w),
+            "ours_gate_up_bk64": lambda: pf._launch_proj(
+                launch, x, order, tiles, segs, slots, (ex.gate_proj, ex.up_proj), True, 0,
+                x.dtype, topk=k, bk=64),
+            "ours_down_bk64": lambda: pf._launch_proj(
+                launch, h, order, tiles, segs, slots, (ex.down_proj,), False, 0, x.dtype, bk=64),
             "gather_qmm_sorted": lambda: experts_mod.run_gather(ex, x, w, ids),
             "dequant_gather_mm": lambda: pf.run_dequant_gather(ex, x, w, ids),
         }
+        skip = os.environ.get("PREFILL_TIME_SKIP", "").split(",")
+        variants = {n: f for n, f in variants.items() if n not in skip}
         for name, fn in variants.items():
             if time.time() - T0 > BUDGET_S:
                 log("budget reached, skipping", name)
@@ -180,7 +193,8 @@ def phase_timing(ex, label="q4 g64"):
                 iters = 3 if (name == "gather_qmm_sorted" and T >= 2048) else 10
                 ms = bench(fn, iters=iters)
                 row[name + "_ms"] = round(ms, 3)
-                if name in ("ours", "gather_qmm_sorted", "dequant_gather_mm"):
+                if name in ("ours", "ours_kernels", "ours_kernels_bk64", "gather_qmm_sorted",
+                            "dequant_gather_mm"):
                     row[name + "_tflops"] = round(flop / ms / 1e9, 2)
             except Exception as exc:
                 row[name + "_error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -189,6 +203,43 @@ def phase_timing(ex, label="q4 g64"):
         RESULTS["timing"].append(row)
         log("TIME", json.dumps(row))
         save()
+
+
+@guarded("probe")
+def phase_probe():
+    """Run-2 probes: Qwen shape T=8192 vs loop; gather_mm (float experts) correctness."""
+    E, H, I, k = QWEN["E"], QWEN["H"], QWEN["I"], QWEN["k"]
+    ex = pf.make_experts(E, H, I, 4, 64)
+    x, w, ids = pf.random_routing(BIG_T[-1], E, k, H)
+    ref = experts_mod.run_loop(ex, x, w, ids)
+    mx.eval(ref)
+    check(f"qwen q4g64 T{BIG_T[-1]}: ours vs loop",
+          lambda: pf.run_prefill(ex, x, w, ids), lambda: ref)
+    check(f"qwen q4g64 T{BIG_T[-1]}: ours kernels bk64 vs loop",
+          lambda: pf.run_prefill(ex, x, w, ids, bk=64, kernels=True), lambda: ref)
+    check(f"qwen q4g64 T{BIG_T[-1]}: ours kernels bk32 vs loop",
+          lambda: pf.run_prefill(ex, x, w, ids, bk=32, kernels=True), lambda: ref)
+    del ref
+    for bits, gs, Ts in ((4, 32, (9, 8192)), (8, 64, (512,))):
+        exs = pf.make_experts(16, 512, 256, bits, gs)
+        for T in Ts:
+            x, w, ids = pf.random_routing(T, 16, 4, 512)
+            check(f"kernels bk64 b{bits} g{gs} T{T} vs loop",
+                  lambda: pf.run_prefill(exs, x, w, ids, bk=64, kernels=True),
+                  lambda: experts_mod.run_loop(exs, x, w, ids))
+    del ex
+    exf = pf.make_experts(16, 512, 256, 0, 64)
+    for T in (4, 64):
+        x, w, ids = pf.random_routing(T, 16, 4, 512)
+        check(f"float bf16 experts T{T}: run_gather (gather_mm{' sorted' if T * 4 >= 64 else ''}) vs loop",
+              lambda: experts_mod.run_gather(exf, x, w, ids),
+              lambda: experts_mod.run_loop(exf, x, w, ids))
+    ex = pf.make_experts(16, 512, 256, 4, 64)
+    x, w, ids = pf.random_routing(64, 16, 4, 512)
+    for contiguous in (False, True):
+        check(f"dequant_gather contiguous={contiguous} vs loop",
+              lambda: pf.run_dequant_gather(ex, x, w, ids, contiguous=contiguous),
+              lambda: experts_mod.run_loop(ex, x, w, ids))
 
 
 QWEN3_CONFIG = dict(
@@ -230,19 +281,26 @@ def phase_model(T=64 if DRY else 512):
         mx.eval(model.parameters())
         return model
 
-    stock = prep(qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(QWEN3_CONFIG)))
-    ms = bench(prefill(stock), iters=3)
-    RESULTS["model"].append(dict(variant="mlx-lm stock", layers=L, T=T, ms=round(ms, 2),
-                                 ms_per_layer=round(ms / L, 3),
-                                 est_tok_s_48_layers=round(T / (ms / L * 48) * 1e3, 1)))
-    log("MODEL", RESULTS["model"][-1])
-    del stock
+    variants = os.environ.get(
+        "PREFILL_MODEL_VARIANTS", "stock,gather,prefill,prefill_kernels,prefill_kernels_bk64")
+    variants = variants.split(",")
+    if "stock" in variants:
+        stock = prep(qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(QWEN3_CONFIG)))
+        ms = bench(prefill(stock), iters=3)
+        RESULTS["model"].append(dict(variant="mlx-lm stock", layers=L, T=T, ms=round(ms, 2),
+                                     ms_per_layer=round(ms / L, 3),
+                                     est_tok_s_48_layers=round(T / (ms / L * 48) * 1e3, 1)))
+        log("MODEL", RESULTS["model"][-1])
+        del stock
     ours, _ = build_model(QWEN3_CONFIG)
     ours = prep(ours)
-    for backend in ("gather", "prefill", "dequant_gather"):
+    for backend in [v for v in variants if v != "stock"]:
+        pf.DEFAULT_BK = 64 if backend.endswith("bk64") else 32
+        pf.PLAN_KERNEL = pf.COMBINE_KERNEL = "kernels" in backend
         for layer in ours.model.layers:
-            layer.mlp.switch_mlp.backend = backend
+            layer.mlp.switch_mlp.backend = "prefill" if backend.startswith("prefill") else backend
         ms = bench(prefill(ours), iters=3)
+        pf.DEFAULT_BK, pf.PLAN_KERNEL, pf.COMBINE_KERNEL = 32, False, False
         RESULTS["model"].append(dict(variant=f"mlx-moe {backend}", layers=L, T=T,
                                      ms=round(ms, 2), ms_per_layer=round(ms / L, 3),
                                      est_tok_s_48_layers=round(T / (ms / L * 48) * 1e3, 1)))
@@ -259,7 +317,7 @@ def main():
     RESULTS["device"] = str(mx.default_device()) + " " + json.dumps({k: str(v) for k, v in info.items()})
     RESULTS["platform"] = pf.gpu_platform()
     log("device", RESULTS["device"], "platform", RESULTS["platform"])
-    pf.register()
+    pf.register(dequant_gather=True)
     phases = os.environ.get("PREFILL_PHASES", "qwen,time,correct,model").split(",")
     ex = pf.make_experts(QWEN["E"], QWEN["H"], QWEN["I"], 4, 64)
     for phase in phases:
@@ -275,6 +333,8 @@ def main():
             phase_timing(ex)
         elif phase == "model":
             phase_model()
+        elif phase == "probe":
+            phase_probe()
     n_ok = sum(c.get("ok", False) for c in RESULTS["checks"])
     log(f"SUMMARY checks ok {n_ok}/{len(RESULTS['checks'])}, errors {len(RESULTS['errors'])}")
     for row in RESULTS["timing"]:

@@ -45,9 +45,15 @@ def test_np_dequant_matches_mlx(bits, gs):
 @pytest.mark.parametrize(
     "T,E,k,skew", [(40, 8, 2, 0.0), (9, 16, 4, 0.0), (300, 4, 2, 3.0), (64, 128, 8, 0.0)]
 )
-def test_plan(T, E, k, skew):
+@pytest.mark.parametrize("impl", ["ops", "kernel"])
+def test_plan(T, E, k, skew, impl):
+    if impl == "kernel" and shutil.which("g++") is None:
+        pytest.skip("needs g++")
     _, _, ids = pf.random_routing(T, E, k, 32, skew=skew)
-    order, segs, tiles, slots = pf.plan(ids, E)
+    if impl == "ops":
+        order, segs, tiles, slots = pf.plan_ops(ids, E)
+    else:  # the plan kernel body on the CPU emulator
+        order, segs, tiles, slots = pf.plan_kernel(ids, E, pf.cpu_launcher())
     flat = np.array(ids).reshape(-1)
     order, segs, tiles = np.array(order), np.array(segs), np.array(tiles)
     assert sorted(order.tolist()) == list(range(flat.size))
@@ -63,7 +69,7 @@ def test_plan(T, E, k, skew):
 
 def test_plan_one_expert():
     ids = mx.zeros((100, 1), mx.int32) + 3
-    order, segs, tiles, slots = pf.plan(ids, 8)
+    order, segs, tiles, slots = pf.plan_ops(ids, 8)
     assert np.array(segs).tolist() == [0, 0, 0, 0, 100, 100, 100, 100, 100]
     assert np.array(tiles)[-1] == 2 and slots >= 2
 
@@ -104,6 +110,9 @@ def test_emulated_kernel_matches_reference(cfg, tmp_path_factory):
     got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"))
     assert pf.rel_err(got, ref) < 2e-3
     assert pf.rel_err(got, run_loop(ex, x, w, ids)) < 2e-2
+    # the same through the plan / combine kernels
+    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"), kernels=True)
+    assert pf.rel_err(got, ref) < 2e-3
 
 
 @needs_cxx
@@ -121,6 +130,26 @@ def test_emulated_mma16816_matches_reference(cfg):
     assert pf.rel_err(got, ref) < 2e-3
 
 
+BK64_CASES = [
+    dict(bits=4, gs=32),  # two quantization groups per K step
+    dict(bits=8, gs=32, H=192, I=96, bias=True),  # down K=96 falls back to BK 32
+    dict(bits=8, gs=128, H=256, I=128, act="gelu_tanh"),
+    dict(bits=0),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("mode", ["cpu", "cpu_mma16816"])
+@pytest.mark.parametrize("cfg", BK64_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_emulated_kernel_bk64(cfg, mode):
+    if mode == "cpu_mma16816" and cfg["bits"] != 4:
+        pytest.skip("slow mode: one case")
+    ex, x, w, ids = _case(**cfg)
+    ref = pf.reference_prefill(ex, x, w, ids)
+    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher(mode), bk=64, kernels=True)
+    assert pf.rel_err(got, ref) < 2e-3
+
+
 @needs_cxx
 def test_emulated_kernel_catches_a_wrong_weight():
     """Negative control: the comparison is sensitive to one changed expert."""
@@ -134,25 +163,7 @@ def test_emulated_kernel_catches_a_wrong_weight():
 # ---------------------------------------------------------------- CUDA emission (nvcc)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("bits,gated,dtype,bias", [
-    (4, 1, mx.bfloat16, 0), (4, 0, mx.bfloat16, 0), (8, 1, mx.float16, 1),
-    (8, 0, mx.bfloat16, 1), (0, 1, mx.bfloat16, 0),
-])
-def test_cuda_emission_compiles(tmp_path, bits, gated, dtype, bias):
-    E, H, I = 128, 2048, 768
-    K, N = (H, I) if gated else (I, H)
-    x = mx.zeros((4, K), dtype)
-    r = mx.zeros((4,), mx.int32)
-    d = mx.zeros((1,), mx.float32)
-    if bits:
-        wq = mx.zeros((E, N, K * bits // 32), mx.uint32)
-        s = mx.zeros((E, N, K // 64), mx.bfloat16)
-    else:
-        wq, s = mx.zeros((E, N, K), mx.bfloat16), d
-    tmpl = [("T", dtype), ("BITS", bits), ("GS", 64), ("GATED", gated), ("ACT", 0),
-            ("HAS_BIAS", bias), ("E", E), ("K", K), ("N", N)]
-    src = pf.cuda_source([x, r, r, r, wq, s, s, wq, s, s, d, d], tmpl, dtype)
+def _nvcc(tmp_path, src):
     cu = tmp_path / "k.cu"
     cu.write_text(src)
     res = subprocess.run(
@@ -162,10 +173,47 @@ def test_cuda_emission_compiles(tmp_path, bits, gated, dtype, bias):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "0 bytes spill stores" in res.stderr
+    return res.stderr
 
 
-def test_metal_emission_names_its_attributes():
-    header, source = pf.emit("metal")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bk", [32, 64])
+@pytest.mark.parametrize("bits,gated,dtype,bias", [
+    (4, 1, mx.bfloat16, 0), (4, 0, mx.bfloat16, 0), (8, 1, mx.float16, 1),
+    (8, 0, mx.bfloat16, 1), (0, 1, mx.bfloat16, 0),
+])
+def test_cuda_emission_compiles(tmp_path, bits, gated, dtype, bias, bk):
+    E, H, I = 128, 2048, 768
+    K, N = (H, I) if gated else (I, H)
+    x = mx.zeros((4, K), dtype)
+    r = mx.zeros((4,), mx.int32)
+    o = mx.zeros((4,), mx.uint32)
+    d = mx.zeros((1,), mx.float32)
+    if bits:
+        wq = mx.zeros((E, N, K * bits // 32), mx.uint32)
+        s = mx.zeros((E, N, K // 64), mx.bfloat16)
+    else:
+        wq, s = mx.zeros((E, N, K), mx.bfloat16), d
+    tmpl = [("T", dtype), ("BITS", bits), ("GS", 64), ("GATED", gated), ("ACT", 0),
+            ("HAS_BIAS", bias), ("E", E), ("K", K), ("N", N), ("TOPK", 8 if gated else 1)]
+    _nvcc(tmp_path, pf.cuda_source("gemm", [x, o, r, r, wq, s, s, wq, s, s, d, d], tmpl, [dtype],
+                                   bk=bk))
+
+
+@needs_nvcc
+def test_cuda_emission_compiles_plan_and_combine(tmp_path):
+    ids, order = mx.zeros((64,), mx.uint32), mx.zeros((64,), mx.uint32)
+    _nvcc(tmp_path, pf.cuda_source("plan", [ids, order], [("E", 128)], [mx.int32, mx.int32]))
+    y, w = mx.zeros((64, 2048), mx.bfloat16), mx.zeros((8, 8), mx.float32)
+    _nvcc(tmp_path, pf.cuda_source("combine", [y, w], [("TOPK", 8), ("N", 2048)], [mx.float32]))
+
+
+@pytest.mark.parametrize("kernel", ["gemm", "plan", "combine"])
+def test_metal_emission_names_its_attributes(kernel):
+    header, source = pf.emit("metal", kernel)
     for name in ("thread_index_in_threadgroup", "threadgroup_position_in_grid"):
         assert name in source  # metal_kernel only adds attributes named in the source
     assert "simdgroup_multiply_accumulate" in header
@@ -181,7 +229,7 @@ def test_available_and_registration():
     assert not pf.supports(ex, x.astype(mx.float32), ids)
     if not HAS_GPU:
         assert not pf.available(ex, x, ids)
-    pf.register()
+    pf.register(dequant_gather=True)
     assert "prefill" in experts_mod.BACKENDS and "dequant_gather" in experts_mod.BACKENDS
 
 

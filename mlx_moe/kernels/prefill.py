@@ -15,12 +15,20 @@ per-warp MMA is a platform helper (CUDA ``mma.sync`` bf16/f16 tensor cores,
 Metal ``simdgroup_matrix``, a scalar CPU emulation for the tests).
 
 The same body is emitted for ``mx.fast.cuda_kernel`` and
-``mx.fast.metal_kernel``; only the CUDA emission has run on hardware (H100).
-The Metal emission is off unless ``MLX_MOE_PREFILL_METAL=1`` until someone
-runs the GPU tests on a Mac.
+``mx.fast.metal_kernel``; only the CUDA emission has run on hardware (H100,
+run 1 in metal_kernels/PREFILL_NOTES.md). The Metal emission is off unless
+``MLX_MOE_PREFILL_METAL=1`` until someone runs the GPU tests on a Mac.
+
+The sort bookkeeping (``plan``) and the weighted top-k sum (``combine``) are
+MLX ops by default (as measured on the H100); one-launch kernels for both
+(``prefill_plan.inc`` / ``prefill_combine.inc``) and a K step of 64 are
+opt-in (``MLX_MOE_PREFILL_PLAN=kernel``, ``MLX_MOE_PREFILL_COMBINE=kernel``,
+``MLX_MOE_PREFILL_BK=64``) until a GPU run confirms them.
 
 ``run_dequant_gather`` is the measured alternative (dequantize the layer's
-experts to the activation dtype once per call, then sorted ``gather_mm``).
+experts to the activation dtype once per call, then sorted ``gather_mm``); it
+gave WRONG results on MLX 0.32.4 CUDA (see the notes), so it is not registered
+by default.
 """
 
 import ctypes
@@ -35,6 +43,13 @@ import numpy as np
 
 # Tile constants (must match metal_kernels/prefill_tiles.h).
 BM, BN, BK, THREADS = 64, 128, 32, 128
+PLAN_THREADS = COMBINE_THREADS = 256
+# Defaults = what ran on the H100 (run 1): MLX-op plan and combine, K step 32.
+# The plan / combine kernels and BK 64 pass the CPU emulator and nvcc but have
+# not run on a GPU yet (device budget); scripts/gpu_prefill.py times all of them.
+DEFAULT_BK = int(os.environ.get("MLX_MOE_PREFILL_BK", "32"))  # 32 or 64 (needs K % 64 == 0)
+PLAN_KERNEL = os.environ.get("MLX_MOE_PREFILL_PLAN", "ops") == "kernel"
+COMBINE_KERNEL = os.environ.get("MLX_MOE_PREFILL_COMBINE", "ops") == "kernel"
 DECODE_MAX_M = 8  # m <= 8 belongs to the fused decode kernels
 ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
 INPUT_NAMES = [
@@ -42,6 +57,12 @@ INPUT_NAMES = [
     "w0", "s0", "z0", "w1", "s1", "z1",
     "bias0", "bias1",
 ]
+# kernel -> (body file, input names, output names, threads per block)
+KERNEL_SPECS = {
+    "gemm": ("prefill_body.inc", INPUT_NAMES, ["out"], THREADS),
+    "plan": ("prefill_plan.inc", ["flat", "order"], ["segs", "tiles"], PLAN_THREADS),
+    "combine": ("prefill_combine.inc", ["y", "w"], ["out"], COMBINE_THREADS),
+}
 
 
 def _kernel_dir() -> Path:
@@ -81,15 +102,15 @@ PROLOGUES = {
 }
 
 
-def emit(platform: str):
-    """``(header, source)`` of the prefill kernel for ``platform``."""
-    parts = ["prefill_tiles.h", *PLATFORM_HEADERS[platform], "prefill_act.h"]
+def emit(platform: str, kernel: str = "gemm", bk: int = 32):
+    """``(header, source)`` of one prefill kernel (``gemm``, ``plan``, ``combine``)."""
+    parts = [f"#define PF_BK {bk}", "prefill_tiles.h", *PLATFORM_HEADERS[platform], "prefill_act.h"]
     header = "\n".join(f if f.startswith("#") else _read(f) for f in parts)
     source = (
         PROLOGUES[platform]
         + "const int pf_lane = pf_tid & 31;\n"
         + "const int pf_warp = pf_tid >> 5;\n"
-        + _read("prefill_body.inc")
+        + _read(KERNEL_SPECS[kernel][0])
     )
     return header, source
 
@@ -97,7 +118,27 @@ def emit(platform: str):
 # ---------------------------------------------------------------- bookkeeping
 
 
-def plan(ids, num_experts, bm=BM):
+def plan(ids, num_experts, launch=None, kernel=None):
+    """``(order, segs, tiles, slots)``: :func:`plan_kernel` or :func:`plan_ops`."""
+    if PLAN_KERNEL if kernel is None else kernel:
+        return plan_kernel(ids, num_experts, launch)
+    return plan_ops(ids, num_experts)
+
+
+def plan_kernel(ids, num_experts, launch=None):
+    """:func:`plan_ops` with one small kernel after the argsort instead of ~12 MLX ops."""
+    flat = ids.reshape(-1)
+    P = flat.size
+    order = mx.argsort(flat)
+    launch = launch or mlx_launcher()
+    segs, tiles = launch(
+        "plan", [flat, order], [("E", num_experts)], (PLAN_THREADS, 1, 1),
+        [(num_experts + 1,), (num_experts + 1,)], [mx.int32, mx.int32],
+    )
+    return order, segs, tiles, -(-P // BM) + min(num_experts, P)
+
+
+def plan_ops(ids, num_experts, bm=BM):
     """Sort (token, expert) pairs by expert, on device, without a host sync.
 
     Returns ``order`` (sorted position -> flat pair index), ``segs [E+1]``
@@ -144,19 +185,20 @@ def _bias(proj):
 _KERNELS = {}
 
 
-def _mlx_kernel(platform):
-    if platform not in _KERNELS:
-        header, source = emit(platform)
+def _mlx_kernel(platform, kernel, bk=32):
+    if (platform, kernel, bk) not in _KERNELS:
+        header, source = emit(platform, kernel, bk)
+        _, inputs, outputs, _ = KERNEL_SPECS[kernel]
         make = mx.fast.cuda_kernel if platform == "cuda" else mx.fast.metal_kernel
-        _KERNELS[platform] = make(
-            name="mlx_moe_prefill",
-            input_names=INPUT_NAMES,
-            output_names=["out"],
+        _KERNELS[platform, kernel, bk] = make(
+            name=f"mlx_moe_prefill_{kernel}_bk{bk}",
+            input_names=inputs,
+            output_names=outputs,
             source=source,
             header=header,
             ensure_row_contiguous=True,
         )
-    return _KERNELS[platform]
+    return _KERNELS[platform, kernel, bk]
 
 
 def gpu_platform():
@@ -168,18 +210,19 @@ def gpu_platform():
 
 
 def mlx_launcher(platform=None):
+    """``launch(kernel, inputs, template, grid, out_shapes, out_dtypes) -> [outputs]``
+    through ``mx.fast.cuda_kernel`` / ``mx.fast.metal_kernel``; grid in threads."""
     platform = platform or gpu_platform()
-    kernel = _mlx_kernel(platform)
 
-    def launch(inputs, template, grid, out_shape, out_dtype):
-        return kernel(
+    def launch(kernel, inputs, template, grid, out_shapes, out_dtypes, bk=32):
+        return _mlx_kernel(platform, kernel, bk)(
             inputs=inputs,
             template=template,
             grid=grid,
-            threadgroup=(THREADS, 1, 1),
-            output_shapes=[out_shape],
-            output_dtypes=[out_dtype],
-        )[0]
+            threadgroup=(KERNEL_SPECS[kernel][3], 1, 1),
+            output_shapes=out_shapes,
+            output_dtypes=out_dtypes,
+        )
 
     return launch
 
@@ -187,7 +230,8 @@ def mlx_launcher(platform=None):
 # ---------------------------------------------------------------- the layer
 
 
-def _launch_proj(launch, x, rows, tiles, segs, slots, projs, gated, act, out_dtype):
+def _launch_proj(launch, x, rows, tiles, segs, slots, projs, gated, act, out_dtype, topk=1,
+                 bk=None):
     bits, gs, w0, s0, z0 = _proj_args(projs[0])
     if gated:
         _, _, w1, s1, z1 = _proj_args(projs[1])
@@ -214,32 +258,51 @@ def _launch_proj(launch, x, rows, tiles, segs, slots, projs, gated, act, out_dty
         ("E", E),
         ("K", K),
         ("N", N),
+        ("TOPK", topk if gated else 1),
     ]
     inputs = [x, rows, tiles, segs, w0, s0, z0, w1, s1, z1, bias0, bias1]
     P = rows.shape[0]
-    return launch(inputs, template, (n_tiles * THREADS, slots, 1), (P, N), out_dtype)
+    bk = bk or DEFAULT_BK
+    if K % bk:
+        bk = 32
+    return launch("gemm", inputs, template, (n_tiles * THREADS, slots, 1), [(P, N)], [out_dtype],
+                  bk=bk)[0]
 
 
-def run_prefill(experts, x, weights, ids, launch=None):
-    """The grouped-GEMM prefill: ``y [..., H]`` (float32 like the other backends)."""
+def run_prefill(experts, x, weights, ids, launch=None, bk=None, kernels=None):
+    """The grouped-GEMM prefill: ``y [..., H]`` (float32 like the other backends).
+
+    ``kernels``: use the plan / combine kernels (default: ``MLX_MOE_PREFILL_PLAN`` /
+    ``MLX_MOE_PREFILL_COMBINE``, i.e. the MLX-op versions)."""
     launch = launch or mlx_launcher()
     H = x.shape[-1]
     k = ids.shape[-1]
     x2 = x.reshape(-1, H)
     ids = mx.stop_gradient(ids)
-    order, segs, tiles, slots = plan(ids, experts.num_experts)
-    tok = order // k
+    order, segs, tiles, slots = plan(ids, experts.num_experts, launch, kernels)
     act = ACT_IDS[experts.activation_name]
     h = _launch_proj(
-        launch, x2, tok, tiles, segs, slots,
-        (experts.gate_proj, experts.up_proj), True, act, x.dtype,
+        launch, x2, order, tiles, segs, slots,
+        (experts.gate_proj, experts.up_proj), True, act, x.dtype, topk=k, bk=bk,
     )
     y = _launch_proj(
         launch, h, order, tiles, segs, slots,
-        (experts.down_proj,), False, act, x.dtype,
+        (experts.down_proj,), False, act, x.dtype, bk=bk,
     )
-    y = y.reshape(*ids.shape, H)
-    return _combine(y, weights)
+    if COMBINE_KERNEL if kernels is None else kernels:
+        return combine(launch, y, weights).reshape(*ids.shape[:-1], H)
+    return _combine(y.reshape(*ids.shape, H), weights)
+
+
+def combine(launch, y, weights):
+    """``out[t] = sum_j weights[t, j] * y[t*k + j]`` in float32, one pass over ``y``."""
+    k = weights.shape[-1]
+    w = weights.reshape(-1, k).astype(mx.float32)
+    T, N = w.shape[0], y.shape[-1]
+    return launch(
+        "combine", [y, w], [("TOPK", k), ("N", N)],
+        (-(-N // COMBINE_THREADS) * COMBINE_THREADS, T, 1), [(T, N)], [mx.float32],
+    )[0]
 
 
 def _combine(y, weights):
@@ -253,8 +316,12 @@ def _dequant_all(proj, dtype):
     return mx.dequantize(w, s, z, group_size=gs, bits=bits).astype(dtype)
 
 
-def run_dequant_gather(experts, x, weights, ids):
-    """Alternative: dequantize all experts once, then sorted ``gather_mm``."""
+def run_dequant_gather(experts, x, weights, ids, contiguous=False):
+    """Alternative: dequantize all experts once, then sorted ``gather_mm``.
+
+    ``contiguous=True`` materializes ``W^T`` [E, K, N] instead of passing the
+    transposed view (MLX 0.32.4 CUDA's sorted gather_mm gave wrong results with
+    the view in run 1; see metal_kernels/PREFILL_NOTES.md)."""
     H = x.shape[-1]
     k = ids.shape[-1]
     ids = mx.stop_gradient(ids)
@@ -265,8 +332,10 @@ def run_dequant_gather(experts, x, weights, ids):
     idx = flat[order]
 
     def mm(proj, a):
-        w = _dequant_all(proj, x.dtype)
-        y = mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True)
+        w = _dequant_all(proj, x.dtype).swapaxes(-1, -2)
+        if contiguous:
+            w = mx.contiguous(w)
+        y = mx.gather_mm(a, w, rhs_indices=idx, sorted_indices=True)
         if "bias" in proj:
             y = y + mx.expand_dims(proj["bias"][idx], -2).astype(y.dtype)
         return y
@@ -320,17 +389,20 @@ def run_backend(experts, x, weights, ids):
     return run_prefill(experts, x, weights, ids)
 
 
-def register(name="prefill"):
+def register(name="prefill", dequant_gather=False):
+    """Register the ``prefill`` backend (and, on request, ``dequant_gather``)."""
     from ..experts import Backend, register_backend
 
     register_backend(name, Backend(run_backend, available))
-    register_backend(
-        "dequant_gather",
-        Backend(
-            run_dequant_gather,
-            lambda e, x, ids: mx.default_device() == mx.gpu and x.size // x.shape[-1] > DECODE_MAX_M,
-        ),
-    )
+    if dequant_gather:
+        register_backend(
+            "dequant_gather",
+            Backend(
+                run_dequant_gather,
+                lambda e, x, ids: mx.default_device() == mx.gpu
+                and x.size // x.shape[-1] > DECODE_MAX_M,
+            ),
+        )
 
 
 # ---------------------------------------------------------------- references (tests)
@@ -380,7 +452,7 @@ def reference_prefill(experts, x, weights, ids):
     dt = x.dtype
     H = x.shape[-1]
     k = ids.shape[-1]
-    order, segs, tiles, slots = plan(ids, experts.num_experts)
+    order, segs, tiles, slots = plan_ops(ids, experts.num_experts)
     order, segs, tiles = (np.array(a) for a in (order, segs, tiles))
     assert tiles[-1] <= slots
     xs = np.array(x.reshape(-1, H).astype(mx.float32))
@@ -425,12 +497,17 @@ _CUDA_TYPES = {
 }
 
 
-def cuda_source(inputs, template, out_dtype, name="mlx_moe_prefill"):
+def cuda_source(kernel, inputs, template, out_dtypes, name=None, bk=32):
     """The translation unit ``mx.fast.cuda_kernel`` builds (MLX 0.32 layout), with
     MLX's device header replaced by the standard CUDA headers, for nvcc checks."""
-    header, source = emit("cuda")
-    params = [f"    const {_CUDA_TYPES[a.dtype]}* {n}" for n, a in zip(INPUT_NAMES, inputs)]
-    params.append(f"    {_CUDA_TYPES[out_dtype]}* out")
+    header, source = emit("cuda", kernel, bk)
+    _, in_names, out_names, _ = KERNEL_SPECS[kernel]
+    params = []
+    for n, a in zip(in_names, inputs):
+        params.append(f"    const {_CUDA_TYPES[a.dtype]}* {n}")
+        if f"{n}_shape" in source:
+            params.append(f"    const __grid_constant__ Shape {n}_shape")
+    params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(out_names, out_dtypes)]
     consts = []
     for n, v in template:
         if isinstance(v, mx.Dtype):
@@ -439,9 +516,10 @@ def cuda_source(inputs, template, out_dtype, name="mlx_moe_prefill"):
             consts.append(f"  constexpr int {n} = {int(v)};")
     return (
         "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
+        "struct Shape { int d[8]; __device__ int operator[](int i) const { return d[i]; } };\n"
         + header
         + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-        + f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+        + f"__global__ void {name or 'mlx_moe_prefill_' + kernel}(\n" + ",\n".join(params) + ") {\n"
         + "\n".join(consts) + "\n" + source + "\n}\n}\n"
     )
 
@@ -464,43 +542,49 @@ _NP_OF = {
 }
 
 
-def _cpu_source(inputs, template, out_dtype, mode="cpu"):
-    header, source = emit(mode)
+def _cpu_source(kernel, inputs, template, out_dtypes, mode="cpu", bk=32):
+    header, source = emit(mode, kernel, bk)
+    _, in_names, out_names, threads = KERNEL_SPECS[kernel]
     params = ["int pf_tid", "int pf_bx", "int pf_by"]
-    for name, a in zip(INPUT_NAMES, inputs):
-        params.append(f"const {_C_TYPES[a.dtype]}* {name}")
-    params.append(f"{_C_TYPES[out_dtype]}* out")
+    casts = []
+    for n, a in zip(in_names, inputs):
+        params.append(f"const {_C_TYPES[a.dtype]}* {n}")
+        casts.append(f"(const {_C_TYPES[a.dtype]}*)a[{len(casts)}]")
+        if f"{n}_shape" in source:
+            params.append(f"const int* {n}_shape")
+            casts.append(f"(const int*)a[{len(casts)}]")
+    for n, d in zip(out_names, out_dtypes):
+        params.append(f"{_C_TYPES[d]}* {n}")
+        casts.append(f"({_C_TYPES[d]}*)a[{len(casts)}]")
     consts = []
     for name, v in template:
         if isinstance(v, mx.Dtype):
             consts.append(f"  using {name} = {_C_TYPES[v]};")
         else:
             consts.append(f"  constexpr int {name} = {int(v)};")
-    casts = [
-        f"(const {_C_TYPES[a.dtype]}*)a[{i}]" for i, a in enumerate(inputs)
-    ] + [f"({_C_TYPES[out_dtype]}*)a[{len(inputs)}]"]
     return f"""
 #include <thread>
 #include <vector>
 {header}
+constexpr int PF_NT = {threads};
 std::barrier<>* pf_cpu_barrier;
 thread_local int pf_cpu_lane, pf_cpu_warp;
-std::barrier<>* pf_cpu_warp_barrier[PF_THREADS / 32];
-uint32_t pf_cpu_stage[PF_THREADS / 32][32][6];
+std::barrier<>* pf_cpu_warp_barrier[PF_NT / 32];
+uint32_t pf_cpu_stage[PF_NT / 32][32][6];
 static void pf_kernel({", ".join(params)}) {{
 {chr(10).join(consts)}
 {source}
 }}
 extern "C" void pf_run(void** a, int gx, int gy) {{
-  std::barrier<> bar(PF_THREADS);
+  std::barrier<> bar(PF_NT);
   pf_cpu_barrier = &bar;
   std::vector<std::barrier<>*> wb;
-  for (int w = 0; w < PF_THREADS / 32; w++) {{
+  for (int w = 0; w < PF_NT / 32; w++) {{
     wb.push_back(new std::barrier<>(32));
     pf_cpu_warp_barrier[w] = wb.back();
   }}
   std::vector<std::thread> th;
-  for (int t = 0; t < PF_THREADS; t++) {{
+  for (int t = 0; t < PF_NT; t++) {{
     th.emplace_back([=]() {{
       pf_cpu_lane = t & 31;
       pf_cpu_warp = t >> 5;
@@ -519,7 +603,7 @@ extern "C" void pf_run(void** a, int gx, int gy) {{
 
 
 def cpu_launcher(mode="cpu", cache_dir=None, cxx="g++"):
-    """A launcher running the kernel body on the CPU (one std::thread per GPU thread).
+    """A launcher running the kernel bodies on the CPU (one std::thread per GPU thread).
 
     ``mode="cpu"``: scalar warp tile; ``mode="cpu_mma16816"``: the CUDA warp tile
     (prefill_mma16816.h) on an emulated ``mma.sync``.
@@ -528,32 +612,39 @@ def cpu_launcher(mode="cpu", cache_dir=None, cxx="g++"):
     cache.mkdir(parents=True, exist_ok=True)
     libs = {}
 
-    def launch(inputs, template, grid, out_shape, out_dtype):
-        src = _cpu_source(inputs, template, out_dtype, mode)
+    def launch(kernel, inputs, template, grid, out_shapes, out_dtypes, bk=32):
+        src = _cpu_source(kernel, inputs, template, out_dtypes, mode, bk)
         key = hashlib.sha1(src.encode()).hexdigest()[:16]
         if key not in libs:
             so = cache / f"pf_{key}.so"
             if not so.exists():
-                cpp = cache / f"pf_{key}.cpp"
+                cpp = cache / f"pf_{key}.{os.getpid()}.cpp"
                 cpp.write_text(src)
+                tmp = so.with_suffix(f".{os.getpid()}.tmp")
                 subprocess.run(
                     [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread",
-                     "-Wno-unused-variable", "-o", str(so), str(cpp)],
+                     "-Wno-unused-variable", "-o", str(tmp), str(cpp)],
                     check=True, capture_output=True, text=True,
                 )
+                os.replace(tmp, so)
             libs[key] = ctypes.CDLL(str(so))
+        _, in_names, _, threads = KERNEL_SPECS[kernel]
+        _, source = emit(mode, kernel, bk)
         arrays = []
-        for a in inputs:
+        for n, a in zip(in_names, inputs):
             v = a.view(mx.uint16) if a.dtype in (mx.bfloat16, mx.float16) else a
             arrays.append(np.ascontiguousarray(np.array(v), dtype=_NP_OF[a.dtype]))
-        out = np.zeros(out_shape, _NP_OF[out_dtype])
-        arrays.append(out)
-        ptrs = (ctypes.c_void_p * len(arrays))(*[arr.ctypes.data for arr in arrays])
-        gx = -(-grid[0] // THREADS)
+            if f"{n}_shape" in source:
+                arrays.append(np.array(a.shape, np.int32))
+        outs = [np.zeros(sh, _NP_OF[d]) for sh, d in zip(out_shapes, out_dtypes)]
+        ptrs = (ctypes.c_void_p * (len(arrays) + len(outs)))(
+            *[arr.ctypes.data for arr in arrays + outs])
+        gx = -(-grid[0] // threads)
         libs[key].pf_run(ptrs, ctypes.c_int(gx), ctypes.c_int(grid[1]))
-        res = mx.array(out)
-        if out_dtype in (mx.bfloat16, mx.float16):
-            res = res.view(out_dtype)
+        res = []
+        for o, d in zip(outs, out_dtypes):
+            r = mx.array(o)
+            res.append(r.view(d) if d in (mx.bfloat16, mx.float16) else r)
         return res
 
     return launch
