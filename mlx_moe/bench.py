@@ -950,10 +950,14 @@ def machine_info() -> dict:
 
     from . import __version__
 
-    commit = None
+    commit, dirty = None, None
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        here = Path(__file__).parent
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
         commit = r.stdout.strip() or None
+        if commit:
+            r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here)
+            dirty = bool(r.stdout.strip())
     except OSError:
         pass
     try:
@@ -973,6 +977,7 @@ def machine_info() -> dict:
         "mlx_lm": mlx_lm.__version__,
         "mlx_moe": __version__,
         "git_commit": commit,
+        "git_dirty": dirty,
         "backends": sorted(BACKENDS),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": _loadavg(),
