@@ -19,6 +19,7 @@ from .activations import get_activation
 
 # (token, expert) pair count from which tokens are sorted by expert; mlx-lm's value.
 SORT_THRESHOLD = 64
+MAX_PAIRS_PER_CALL = 32768
 
 
 class ExpertLinear(nn.Module):
@@ -160,7 +161,7 @@ class Backend:
 
 
 BACKENDS: Dict[str, Backend] = {}
-AUTO_ORDER = ["fused", "gather"]
+AUTO_ORDER = ["fused", "prefill", "gather"]
 
 
 def register_backend(name: str, backend: Backend):
@@ -175,20 +176,27 @@ def _gather_sort(x, indices):
     return x.flatten(0, -3)[order // k], flat[order], inv_order
 
 
+def _project(experts, x, idx, sorted_indices):
+    h = experts.activation(
+        experts.gate_proj(x, idx, sorted_indices=sorted_indices),
+        experts.up_proj(x, idx, sorted_indices=sorted_indices),
+    )
+    return experts.down_proj(h, idx, sorted_indices=sorted_indices)
+
+
 def run_gather(experts, x, weights, ids):
     """``gather_mm``/``gather_qmm`` over all (token, expert) pairs, sorted when many."""
     x = mx.expand_dims(x, (-2, -3))
     ids = mx.stop_gradient(ids)
-    do_sort = ids.size >= experts.sort_threshold
-    idx, inv_order = ids, None
-    if do_sort:
+    if ids.size < experts.sort_threshold:
+        y = _project(experts, x, ids, False)
+    else:
         x, idx, inv_order = _gather_sort(x, ids)
-    h = experts.activation(
-        experts.gate_proj(x, idx, sorted_indices=do_sort),
-        experts.up_proj(x, idx, sorted_indices=do_sort),
-    )
-    y = experts.down_proj(h, idx, sorted_indices=do_sort)
-    if do_sort:
+        # The CUDA kernels launch a grid slice per pair (at most 65535 of them).
+        step = MAX_PAIRS_PER_CALL
+        y = mx.concatenate(
+            [_project(experts, x[i : i + step], idx[i : i + step], True) for i in range(0, idx.size, step)]
+        )
         y = mx.unflatten(y[inv_order], 0, ids.shape)
     return combine(y.squeeze(-2), weights)
 

@@ -31,6 +31,8 @@ from .quantization import (
 )
 from .safetensors_io import Checkpoint, CheckpointError
 
+# Per-expert sources are quantized and evaluated this many at a time.
+EVAL_EXPERTS = 8
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -215,7 +217,13 @@ class StreamingLoader:
         if quantize_here:
             p = module_params(module)
             parts = value if isinstance(value, list) else [value]
-            qs = [mx.quantize(v, p["group_size"], p["bits"], mode=p["mode"]) for v in parts]
+            qs = []
+            for i, v in enumerate(parts):
+                qs.append(mx.quantize(v, p["group_size"], p["bits"], mode=p["mode"]))
+                parts[i] = None
+                if (i + 1) % EVAL_EXPERTS == 0:
+                    # Bound how many source experts are read ahead of their quantization.
+                    mx.eval(qs[-EVAL_EXPERTS:])
             if isinstance(value, list):  # per-expert sources: quantize, then stack
                 qs = [[mx.stack(t) for t in zip(*qs)]]
             w, scales, *biases = qs[0]

@@ -1,9 +1,9 @@
 """Fused MoE kernels (Metal and CUDA from one source) and their backend.
 
 Call :func:`register` once (``mlx_moe/__init__.py`` does) to add the ``fused``
-backend to :data:`mlx_moe.experts.BACKENDS`; ``auto`` then picks it whenever
-:func:`mlx_moe.kernels.fused.available` holds (GPU default device, at most 8
-tokens, supported format).
+(decode, at most 8 tokens) and ``prefill`` (grouped GEMM, more tokens) backends
+to :data:`mlx_moe.experts.BACKENDS`; ``auto`` picks them where their
+``available`` holds (GPU default device, supported format).
 """
 
 _registered = False
@@ -15,7 +15,9 @@ def register():
     if _registered:
         return
     from ..experts import Backend, register_backend
+    from . import prefill
     from .fused import available, run_fused
 
     register_backend("fused", Backend(run_fused, available))
+    prefill.register()
     _registered = True
