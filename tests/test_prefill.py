@@ -180,10 +180,9 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not i
 
 
 @needs_nvcc
-@pytest.mark.parametrize("bk", [32, 64])
-@pytest.mark.parametrize("bits,gated,dtype,bias", [
-    (4, 1, mx.bfloat16, 0), (4, 0, mx.bfloat16, 0), (8, 1, mx.float16, 1),
-    (8, 0, mx.bfloat16, 1), (0, 1, mx.bfloat16, 0),
+# Each nvcc run costs ~10 s on CI's 2 cores: one case per bits / gating / bias / K-step.
+@pytest.mark.parametrize("bits,gated,dtype,bias,bk", [
+    (4, 1, mx.bfloat16, 0, 32), (8, 0, mx.float16, 1, 64), (0, 1, mx.bfloat16, 0, 32),
 ])
 def test_cuda_emission_compiles(tmp_path, bits, gated, dtype, bias, bk):
     E, H, I = 128, 2048, 768
