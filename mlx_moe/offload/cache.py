@@ -269,6 +269,7 @@ class ExpertCache:
         self.phase = "prefill"
         self.pending_output = None  # the last lazy output; evaluated before slots are reused
         self.closed = False
+        self.trace = None  # a list to record (layer, ids, router guess, decode) per call
         self.full = all(p.S >= len(p.layers) * p.num_experts for p in self.pools)
         if not self.mmap_mode:
             self.readers.start()
@@ -456,6 +457,31 @@ class ExpertCache:
         return int(pool.S - pinned_other.sum())
 
     # ---------------------------------------------------------------- the call
+
+    def start_call(self, layer, ids_np: np.ndarray, guess: Optional[np.ndarray], decode: bool):
+        """Host side of a layer call, once its ids are known: bookkeeping, predictor
+        scoring, prompt counts. Returns ``(used experts, capacity)``."""
+        used = np.unique(ids_np)
+        if self.trace is not None:
+            self.trace.append((layer, ids_np.copy(), guess, decode))
+        self.begin_call(layer, decode)
+        self.planner.observe(layer, used, decode)
+        if not decode:
+            self.count_prompt(layer, ids_np)
+        return used, self.capacity(layer, used)
+
+    def after_acquire(self, layer, guess: Optional[np.ndarray], decode: bool):
+        """Queue the prefetches for the next layer(s) (decode only)."""
+        if decode:
+            for nxt, experts, dist in self.planner.predict(layer, guess):
+                self.prefetch(nxt, experts, dist)
+
+    def groups_for(self, layer, used, cap):
+        """``used`` split in groups of at most ``cap`` experts, resident ones first."""
+        where = self.pool_of[layer].where
+        resident = np.array([key_of(layer, e) in where for e in used], bool)
+        ordered = np.concatenate([used[resident], used[~resident]])
+        return [np.sort(ordered[g0:g0 + cap]) for g0 in range(0, len(ordered), cap)]
 
     def begin_call(self, layer, decode):
         """Bookkeeping at the start of a layer call (after ``ids`` were evaluated)."""

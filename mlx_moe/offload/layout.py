@@ -178,8 +178,14 @@ def is_offload_folder(folder) -> bool:
 # ------------------------------------------------------------------ writing
 
 
-def _raw(arr: mx.array) -> np.ndarray:
-    """The bytes of an MLX array as a numpy array (bfloat16 addressed as uint16)."""
+NP_NAMES = {np.dtype(np.uint32): "uint32", np.dtype(np.uint8): "uint8",
+            np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+
+
+def _raw(arr) -> np.ndarray:
+    """The bytes of an MLX (or numpy) array as a numpy array (bfloat16 addressed as uint16)."""
+    if isinstance(arr, np.ndarray):
+        return np.ascontiguousarray(arr)
     name = dtype_name(arr.dtype)
     if name == "bfloat16":
         arr = arr.view(mx.uint16)
@@ -195,7 +201,7 @@ class ExpertFileWriter:
         self.layers: List[LayerEntry] = []
 
     def write_layer(self, layer: int, prefix: str, arrays: Dict[str, mx.array], quantization: Dict[str, Optional[dict]]):
-        """``arrays``: ``{"gate_proj.weight": [E, ...], ...}`` for one layer's experts."""
+        """``arrays``: ``{"gate_proj.weight": [E, ...], ...}`` (MLX or numpy) for one layer's experts."""
         names = [f"{p}.{a}" for p in PROJS for a in ATTRS if f"{p}.{a}" in arrays]
         extra = set(arrays) - set(names)
         if extra:
@@ -207,10 +213,14 @@ class ExpertFileWriter:
             a = arrays[n]
             if a.shape[0] != E:
                 raise ValueError(f"layer {layer}: {n} has {a.shape[0]} experts, expected {E}")
-            mx.eval(a)
+            if isinstance(a, np.ndarray):
+                dname = NP_NAMES[a.dtype]
+            else:
+                mx.eval(a)
+                dname = dtype_name(a.dtype)
             raws[n] = _raw(a).reshape(E, -1).view(np.uint8)
             nbytes = raws[n].shape[1]
-            specs.append(TensorSpec(n, dtype_name(a.dtype), tuple(a.shape[1:]), off, nbytes))
+            specs.append(TensorSpec(n, dname, tuple(a.shape[1:]), off, nbytes))
             off += (nbytes + 63) // 64 * 64  # 64-byte aligned tensors inside the record
         data_bytes = specs[-1].offset + specs[-1].nbytes
         record = round_up(data_bytes)

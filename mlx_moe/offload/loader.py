@@ -35,7 +35,7 @@ def parse_budget(budget, routed_bytes: int) -> Optional[int]:
         budget = float(b)
     if budget < 0:
         raise ValueError(f"expert budget must be positive, got {budget}")
-    return int(float(budget) * 1e9)
+    return int(round(float(budget) * 1e9))
 
 
 def top_k(config) -> int:

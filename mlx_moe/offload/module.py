@@ -20,7 +20,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import key_of
 from ..activations import get_activation
 from ..experts import (
     BACKENDS,
@@ -142,19 +141,12 @@ class OffloadedExperts(nn.Module):
         E = self._num_experts
         if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= E):
             raise ValueError(f"layer {self.layer}: expert id out of range [0, {E}) in topk_ids")
-        used = np.unique(ids_np)
-        cache.begin_call(self.layer, decode)
-        cache.planner.observe(self.layer, used, decode)
-        if not decode:
-            cache.count_prompt(self.layer, ids_np)
-        cap = cache.capacity(self.layer, used)
+        g = None if guess is None else np.unique(np.array(guess))
+        used, cap = cache.start_call(self.layer, ids_np, g, decode)
         view = self.view
         if len(used) <= cap:
             slots = cache.acquire(self.layer, used)
-            if decode:
-                g = None if guess is None else np.unique(np.array(guess))
-                for layer, experts, dist in cache.planner.predict(self.layer, g):
-                    cache.prefetch(layer, experts, dist)
+            cache.after_acquire(self.layer, g, decode)
             lut = np.zeros(E, np.uint32)
             lut[used] = slots
             slot_ids = mx.array(lut[ids_np])
@@ -164,11 +156,7 @@ class OffloadedExperts(nn.Module):
             return y
         # More experts than slots: groups, merged per pair, one weighted sum.
         y = None
-        where = cache.pool_of[self.layer].where
-        resident = np.array([key_of(self.layer, e) in where for e in used])
-        ordered = np.concatenate([used[resident], used[~resident]])  # hits first
-        for g0 in range(0, len(ordered), cap):
-            group = np.sort(ordered[g0:g0 + cap])
+        for group in cache.groups_for(self.layer, used, cap):
             slots = cache.acquire(self.layer, group)
             lut = np.zeros(E, np.uint32)
             lut[group] = slots
