@@ -12,14 +12,17 @@ import checkpoints  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """``checkpoint(arch, layout=None, dtype="float32", shards=1, seed=0) -> Path``.
+    """``checkpoint(arch, layout=None, dtype="float32", shards=1, seed=0, mlx_lm_rope=True) -> Path``.
+
+    ``mlx_lm_rope``: gpt-oss checkpoints use YaRN ``truncate: true``, which mlx-lm
+    implements too; pass False for the real gpt-oss setting (HF comparisons).
 
     Written once per session per argument set and shared: tests must not modify it
     (error-case tests write their own with ``checkpoints.write_checkpoint``).
     """
     cache = {}
 
-    def make(arch, layout=None, dtype="float32", shards=1, seed=0, mlx_lm_rope=False):
+    def make(arch, layout=None, dtype="float32", shards=1, seed=0, mlx_lm_rope=True):
         layout = layout or checkpoints.reference_layout(arch)
         key = (arch, layout, dtype, shards, seed, mlx_lm_rope)
         if key not in cache:

@@ -78,7 +78,7 @@ def assert_our_blocks(model, arch, quantized=None):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_matches_mlx_lm(arch, checkpoint):
-    path = checkpoint(arch, mlx_lm_rope=True)
+    path = checkpoint(arch)
     ours, config = load_model(path)
     theirs, _ = mlx_lm_load_model(Path(path))
     assert_our_blocks(ours, arch)
@@ -97,7 +97,7 @@ def test_float32_matches_mlx_lm(arch, checkpoint):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_loop_backend_matches_mlx_lm(arch, checkpoint):
-    path = checkpoint(arch, mlx_lm_rope=True)
+    path = checkpoint(arch)
     ours, _ = load_model(path, backend="loop")
     assert all(m.backend == "loop" for _, m in ours.named_modules() if isinstance(m, MoEExperts))
     theirs, _ = mlx_lm_load_model(Path(path))
@@ -106,7 +106,7 @@ def test_float32_loop_backend_matches_mlx_lm(arch, checkpoint):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_4bit_matches_mlx_lm(arch, checkpoint):
-    path = checkpoint(arch, mlx_lm_rope=True)
+    path = checkpoint(arch)
     ours, config = load_model(path, quantize={"bits": 4, "group_size": 32})
     theirs, their_config = mlx_lm_load_model(Path(path))
     theirs, their_config = quantize_model(theirs, their_config, 32, 4)
@@ -168,7 +168,7 @@ def hf_logits(path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_matches_transformers(arch, checkpoint):
     """gpt-oss is checked in transformers' own layout (fused [E, H, 2I], interleaved)."""
-    path = checkpoint(arch, "gpt_oss" if arch == "gpt_oss" else None)
+    path = checkpoint(arch, "gpt_oss" if arch == "gpt_oss" else None, mlx_lm_rope=False)
     ours, _ = load_model(path)
     np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
 
