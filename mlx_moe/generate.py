@@ -14,7 +14,7 @@ from .loading import DEFAULT_MODEL, load
 def build_parser():
     p = argparse.ArgumentParser(prog="mlx_moe.generate", description=__doc__)
     p.add_argument("--model", default=None, help=f"local folder or Hugging Face repo (default: the tiny model shipped in {DEFAULT_MODEL.name}/)")
-    p.add_argument("--prompt", "-p", default="The for statement", help="prompt text, or '-' to read stdin")
+    p.add_argument("--prompt", "-p", default="A list is", help="prompt text, or '-' to read stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
