@@ -7,7 +7,6 @@ into fixed-capacity buffers whose write position is an array, so one
 grow, in powers of two).
 """
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 

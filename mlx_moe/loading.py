@@ -274,16 +274,23 @@ def load_model(
 
     if expert_budget_gb is not None or offload.is_offload_folder(folder):
         return offload.load_offloaded(folder, expert_budget_gb, quantize, backend, progress, expert_options)
+    model, arch, config, ckpt = prepare(folder, quantize)
+    set_backend(model, backend)
+    StreamingLoader(model, arch, config, ckpt).run(progress)
+    model.eval()
+    return model, config
+
+
+def prepare(folder: Path, quantize=None):
+    """The lazy model skeleton with its quantization applied, ready to be filled:
+    ``(model, arch, config to save, checkpoint)``. Reads headers only."""
     config = load_config(folder)
     spec = QuantSpec.parse(quantize)
     ckpt = Checkpoint(folder)
     model, arch = build_model(config)
     module_plan, config = plan(model, config, ckpt, spec)
     apply_plan(model, module_plan)
-    set_backend(model, backend)
-    StreamingLoader(model, arch, config, ckpt).run(progress)
-    model.eval()
-    return model, config
+    return model, arch, config, ckpt
 
 
 def set_backend(model: nn.Module, backend: str):

@@ -9,9 +9,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..experts import MoEExperts, QuantizedExpertLinear
-from ..loading import StreamingLoader, load_config, plan, resolve_path, set_backend
+from ..loading import StreamingLoader, load_config, plan, prepare, resolve_path, set_backend
 from ..models import MoEBlock, build_model
-from ..quantization import QuantSpec, apply_plan, module_params
+from ..quantization import apply_plan, module_params
 from ..safetensors_io import Checkpoint, CheckpointError, save_sharded
 from .cache import ExpertCache
 from .layout import INDEX, PROJS, ExpertFileError, ExpertFileWriter, ExpertIndex, is_offload_folder
@@ -229,12 +229,7 @@ def write_offload_folder(hf_path, dst, quantize=None, max_shard_gb=5.0, progress
     src = resolve_path(hf_path)
     if is_offload_folder(src):
         raise ValueError(f"{src} is already in the expert-file layout")
-    config = load_config(src)
-    spec = QuantSpec.parse(quantize)
-    ckpt = Checkpoint(src)
-    model, arch = build_model(config)
-    module_plan, config = plan(model, config, ckpt, spec)
-    apply_plan(model, module_plan)
+    model, arch, config, ckpt = prepare(src, quantize)
     dst = Path(dst)
     writer = ExpertFileWriter(dst)
     loader = _WritingLoader(model, arch, config, ckpt, writer)
