@@ -14,6 +14,9 @@ Three sections (default: all three):
              ``mlx_lm.convert.convert``, each in a fresh subprocess (clean RSS)
              with the source dropped from the page cache first.
 
+``offload``  (as the first argument) decode tok/s at expert budgets vs the resident
+             model and plain mmap paging: ``mlx_moe.offload.bench``'s options.
+
 Ratios are always mlx-lm's time / ours (> 1: ours is faster). ``--quick`` runs
 a small subset (~1 minute on a 2-core CPU). ``--json FILE`` keeps every figure
 with the machine and versions; ``--plot FILE.png`` draws the layer sweep.
@@ -1097,6 +1100,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_load_child"]:
         return _load_child(*argv[1:])
+    if argv[:1] == ["offload"]:  # expert-budget benchmark: mlx_moe.bench offload [--budgets ...]
+        from .offload.bench import main as offload_main
+
+        return offload_main(argv[1:])
     args = resolve_args(build_parser().parse_args(argv))
     log = lambda s: print(s, flush=True)
     notes = register_backends()
