@@ -508,12 +508,7 @@ def cuda_source(kernel, inputs, template, out_dtypes, name=None, bk=32):
         if f"{n}_shape" in source:
             params.append(f"    const __grid_constant__ Shape {n}_shape")
     params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(out_names, out_dtypes)]
-    consts = []
-    for n, v in template:
-        if isinstance(v, mx.Dtype):
-            consts.append(f"  using {n} = {_CUDA_TYPES[v]};")
-        else:
-            consts.append(f"  constexpr int {n} = {int(v)};")
+    consts = _template_consts(template, _CUDA_TYPES)
     return (
         "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
         "struct Shape { int d[8]; __device__ int operator[](int i) const { return d[i]; } };\n"
@@ -542,6 +537,14 @@ _NP_OF = {
 }
 
 
+def _template_consts(template, types):
+    """Template arguments as C++ declarations (dtypes -> ``using``, ints -> ``constexpr``)."""
+    return [
+        f"  using {n} = {types[v]};" if isinstance(v, mx.Dtype) else f"  constexpr int {n} = {int(v)};"
+        for n, v in template
+    ]
+
+
 def _cpu_source(kernel, inputs, template, out_dtypes, mode="cpu", bk=32):
     header, source = emit(mode, kernel, bk)
     _, in_names, out_names, threads = KERNEL_SPECS[kernel]
@@ -556,12 +559,7 @@ def _cpu_source(kernel, inputs, template, out_dtypes, mode="cpu", bk=32):
     for n, d in zip(out_names, out_dtypes):
         params.append(f"{_C_TYPES[d]}* {n}")
         casts.append(f"({_C_TYPES[d]}*)a[{len(casts)}]")
-    consts = []
-    for name, v in template:
-        if isinstance(v, mx.Dtype):
-            consts.append(f"  using {name} = {_C_TYPES[v]};")
-        else:
-            consts.append(f"  constexpr int {name} = {int(v)};")
+    consts = _template_consts(template, _C_TYPES)
     return f"""
 #include <thread>
 #include <vector>

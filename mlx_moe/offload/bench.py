@@ -36,30 +36,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+def _synthetic_configs():
+    from ..synthetic import CONFIGS
+
+    return CONFIGS
+
+
+# Qwen3-30B-A3B scaled to a few GB of routed experts on a small disk.
 BENCH_CONFIG = {
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "model_type": "qwen3_moe",
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "moe_intermediate_size": 1024,
+    **_synthetic_configs()["qwen3-30b-a3b"],
     "num_hidden_layers": 8,
     "num_attention_heads": 16,
-    "num_key_value_heads": 4,
     "head_dim": 64,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "norm_topk_prob": True,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "rope_scaling": None,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
+    "moe_intermediate_size": 1024,
     "vocab_size": 8192,
+    "max_position_embeddings": 4096,
     "bos_token_id": 1,
     "eos_token_id": 2,
-    "hidden_act": "silu",
     "torch_dtype": "float32",
 }
 
@@ -395,8 +388,6 @@ def replay(spec):
     GPU Mac. ``compute_ms`` per layer call is slept (the CPU is idle, as while a
     GPU computes)."""
     import pickle
-
-    import numpy as np
 
     from .cache import ExpertCache, Stats
     from .layout import ExpertIndex
