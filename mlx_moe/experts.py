@@ -17,6 +17,9 @@ import numpy as np
 
 from .activations import get_activation
 
+# The expert projections, named as in mlx-lm's SwitchGLU.
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
 # (token, expert) pair count from which tokens are sorted by expert; mlx-lm's value.
 SORT_THRESHOLD = 64
 MAX_PAIRS_PER_CALL = 32768

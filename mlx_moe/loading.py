@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .experts import MoEExperts
+from .experts import PROJECTIONS, MoEExperts
 from .formats import EXTRA_CONTAINERS, ExpertContext, dequantize_fp8_rest, extract_experts
 from .models import MoEBlock, build_model
 from .models.base import Architecture
@@ -70,7 +70,7 @@ def _expert_modules(model):
         f"{path}.{proj}"
         for path, m in model.named_modules()
         if isinstance(m, MoEExperts)
-        for proj in ("gate_proj", "up_proj", "down_proj")
+        for proj in PROJECTIONS
     }
 
 
@@ -189,7 +189,7 @@ class StreamingLoader:
         values = extract_experts(ctx)
         base = prefix + self.arch.experts_prefix
         # One projection at a time keeps only one stacked source tensor alive.
-        for proj in ("gate_proj", "up_proj", "down_proj"):
+        for proj in PROJECTIONS:
             self.place_all({f"{base}.{k}": v for k, v in values.items() if k.startswith(proj + ".")})
             for k in [k for k in values if k.startswith(proj + ".")]:
                 del values[k]

@@ -8,6 +8,7 @@ support a new one, add a module and list it in ``FORMATS``.
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Set, Tuple
 
+from ..experts import PROJECTIONS as PROJS
 from ..safetensors_io import CheckpointError
 from . import mlx_stacked, mxfp4, per_expert, stacked
 from .fp8 import dequantize_fp8_blocks, dequantize_fp8_rest
@@ -18,7 +19,6 @@ FORMATS = [mlx_stacked, mxfp4, stacked, per_expert]
 # Containers every architecture may use besides its own: Gemma-4 style ``moe.*``
 # and experts hung directly on the layer.
 EXTRA_CONTAINERS = ("moe.experts", "moe", "experts")
-PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Already in our (= mlx-lm's) layout: ``{ours}.{proj}.weight`` stacked, maybe
 quantized with ``scales``/``biases`` (mlx-community folders, our own convert)."""
 
+from ..experts import PROJECTIONS
+
 SUFFIXES = ("weight", "scales", "biases", "bias")
 
 
@@ -10,7 +12,7 @@ def detect(ctx):
 
 def extract(ctx):
     out = {}
-    for proj in ("gate_proj", "up_proj", "down_proj"):
+    for proj in PROJECTIONS:
         for s in SUFFIXES:
             name = f"{ctx.ours}.{proj}.{s}"
             if name in ctx.names:

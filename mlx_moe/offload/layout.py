@@ -48,6 +48,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from ..experts import PROJECTIONS as PROJS
 from ..safetensors_io import CheckpointError
 
 FORMAT = "mlx-moe-expert-files"
@@ -57,7 +58,6 @@ HEADER_BYTES = 16384
 MAGIC = b"MLXMOEX1"
 INDEX = Path("experts") / "index.json"
 # Fixed order of the tensors inside a record.
-PROJS = ("gate_proj", "up_proj", "down_proj")
 ATTRS = ("weight", "scales", "biases", "bias")
 
 # MLX dtype name -> (mx dtype, numpy dtype used to address its bytes)

@@ -23,6 +23,7 @@ import numpy as np
 from ..activations import get_activation
 from ..experts import (
     BACKENDS,
+    PROJECTIONS,
     SORT_THRESHOLD,
     ExpertLinear,
     MoEExperts,
@@ -54,7 +55,7 @@ def pool_view(pool, activation: str, backend: str) -> MoEExperts:
     """A ``MoEExperts`` whose ``[S, ...]`` arrays are the pool's (no copy)."""
     v = MoEExperts.__new__(MoEExperts)
     nn.Module.__init__(v)
-    for proj in ("gate_proj", "up_proj", "down_proj"):
+    for proj in PROJECTIONS:
         setattr(v, proj, _proj(pool, proj))
     v.activation_name, v.activation = get_activation(activation)
     v.backend = backend
