@@ -5,8 +5,8 @@
     ncu --kernel-name regex:moe_ --metrics gpu__time_duration.sum,dram__bytes_read.sum \
         python scripts/gpu_check.py --ncu-target     # GPU-side kernel times only
 
-1. runs tests/test_kernels_gpu.py (with pytest when importable, else through
-   its ``run_all``) and writes the max error of every case;
+1. runs tests/test_kernels_gpu.py with pytest in a child process and writes
+   the max error of every case (the tests append them to gpu_tests.tsv);
 2. times the Qwen3-30B-A3B expert layer (E=128, H=2048, I=768, top-8, affine
    q4 g64, bf16) at m = 1 (and 2, 4, 8): the ``fused`` backend against the
    ``gather`` backend (gather_qmm), in us per layer and GB/s of the selected
@@ -41,8 +41,9 @@ import numpy as np  # noqa: E402
 
 from mlx_moe import kernels  # noqa: E402
 from mlx_moe.experts import BACKENDS  # noqa: E402
-from mlx_moe.kernels import fused  # noqa: E402
-from mlx_moe.kernels.reference import random_experts, random_inputs  # noqa: E402
+from mlx_moe.kernels.common import gpu_backend  # noqa: E402
+from mlx_moe.kernels.fused import backend as fused  # noqa: E402
+from mlx_moe.testing.reference import random_experts, random_inputs  # noqa: E402
 
 OUT = Path(os.environ.get("OUT") or ROOT / "gpu_check_out")
 
@@ -53,7 +54,7 @@ def log(*a):
 
 def device_info():
     info = {"mlx": mx.__version__, "python": platform.python_version(),
-            "backend": fused.gpu_backend()}
+            "backend": gpu_backend()}
     try:
         r = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version",
@@ -73,29 +74,17 @@ def device_info():
 
 def run_tests(mode="full"):
     t0 = time.time()
-    try:
-        import pytest
-    except ImportError:
-        pytest = None
-    if pytest is not None:
-        log(f"== pytest tests/test_kernels_gpu.py -m gpu ({mode})")
-        # quick: every format/launch-shape test, affine combos with silu only
-        sel = ["-k", "not test_affine or silu"] if mode == "quick" else []
-        rc = pytest.main(["-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider", *sel,
-                          str(ROOT / "tests" / "test_kernels_gpu.py")])
-        mod = next((m for n, m in sys.modules.items() if n.endswith("test_kernels_gpu")), None)
-        status = f"pytest exit code {int(rc)}"
-    else:
-        log("== pytest missing: running tests/test_kernels_gpu.py through run_all")
-        import test_kernels_gpu as mod
-
-        passed, failed = mod.run_all(log)
-        status = f"run_all: {passed} passed, {failed} failed"
-    results = list(mod.RESULTS) if mod is not None else []
-    with open(OUT / "gpu_tests.tsv", "w") as f:
-        f.write("case\tmax_rel_err_vs_reference\tmax_rel_err_vs_loop\n")
-        for name, er, el in results:
-            f.write(f"{name}\t{er:.3e}\t{el:.3e}\n")
+    log(f"== pytest tests/test_kernels_gpu.py -m gpu ({mode})")
+    # quick: every format/launch-shape test, affine combos with silu only
+    sel = ["-k", "not test_affine or silu"] if mode == "quick" else []
+    tsv = OUT / "gpu_tests.tsv"
+    tsv.write_text("case\tmax_rel_err_vs_reference\tmax_rel_err_vs_loop\n")
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider",
+                          *sel, str(ROOT / "tests" / "test_kernels_gpu.py")],
+                         env={**os.environ, "MLX_MOE_GPU_RESULTS": str(tsv)})
+    status = f"pytest exit code {rc}"
+    results = [(n, float(a), float(b)) for n, a, b in
+               (line.split("\t") for line in tsv.read_text().splitlines()[1:])]
     worst_ref = max((r[1] for r in results), default=float("nan"))
     worst_loop = max((r[2] for r in results), default=float("nan"))
     log(f"== tests: {status}; {len(results)} checked cases; worst max-rel error "

@@ -6,10 +6,9 @@ Phases (each guarded, results in $OUT/prefill_results.json):
   1. correctness: bits 4/8 x group 32/64/128 x T in {9, 64, 512, 2048, 8192}
      (E 16, H 512, I 256, top-4) against the ``loop`` backend; a few extra
      formats (bias + swiglu_oai, f16, float weights); the Qwen3-30B-A3B shape
-     at T = 512/2048/8192 against ``gather`` (sorted gather_qmm) and
-     ``dequant_gather``.
+     at T = 512/2048/8192 against ``gather`` (sorted gather_qmm).
   2. timing, Qwen3-30B-A3B MoE layer (E 128, H 2048, I 768, top-8, q4 g64, bf16):
-     ours (and its two launches), sorted gather_qmm, dequant + sorted gather_mm.
+     ours (and its launches, plan / combine kernels, K step 64), sorted gather_qmm.
   3. whole-model prefill of T=512 on a random Qwen3-30B-A3B with fewer layers
      (mlx-lm stock vs ours with gather / prefill experts), per layer.
 """
@@ -17,6 +16,7 @@ Phases (each guarded, results in $OUT/prefill_results.json):
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -26,13 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from mlx_moe import experts as experts_mod  # noqa: E402
-from mlx_moe.kernels import prefill as pf  # noqa: E402
+from mlx_moe.kernels.common import gpu_backend  # noqa: E402
+from mlx_moe.kernels.prefill import backend as pf  # noqa: E402
+from mlx_moe.testing.reference import (  # noqa: E402
+    random_experts, random_inputs, reference_prefill, rel_err)
 
 OUT = Path(os.environ.get("OUT", "."))
 # PREFILL_DRY=1: tiny shapes on the CPU emulator, to test this script off-GPU.
 DRY = os.environ.get("PREFILL_DRY") == "1"
 if DRY:
-    pf.mlx_launcher = lambda platform=None: pf.cpu_launcher()
+    from mlx_moe.testing.emulate_prefill import cpu_launcher  # noqa: E402
+
+    _EMU_DIR = tempfile.mkdtemp(prefix="mlx_moe_prefill_emu_")
+    pf.mlx_launcher = lambda platform=None: cpu_launcher(_EMU_DIR)
 SMALL = dict(E=4, H=256, I=128, k=2, T=(9, 64, 200)) if DRY else dict(
     E=16, H=512, I=256, k=4, T=(9, 64, 512, 2048, 8192))
 RESULTS = {"device": None, "checks": [], "timing": [], "model": [], "errors": []}
@@ -42,6 +48,17 @@ BUDGET_S = float(os.environ.get("PREFILL_BUDGET_S", "400"))
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def make_experts(E, H, I, bits=4, gs=64, activation="silu", bias=False, dtype=mx.bfloat16):
+    fmt = ("affine", bits, gs) if bits else ("float", 0, 0)
+    return random_experts(E, H, I, activation, fmt, dtype, bias)
+
+
+def routing(ex, T, k, dtype=mx.bfloat16, skew=0.0):
+    """``x, weights, ids`` as a router gives them (float32 weights, int32 ids)."""
+    return random_inputs(ex, T, k, dtype, seed=1, ids_dtype=mx.int32,
+                         weights_dtype=mx.float32, skew=skew)
 
 
 def save():
@@ -81,9 +98,9 @@ def check(tag, got_fn, ref_fn, tol=2e-2):
     try:
         got = got_fn()
         ref = ref_fn()
-        err = pf.rel_err(got, ref)
+        err = rel_err(got, ref)
         ok = bool(err < tol) and bool(mx.all(mx.isfinite(got)).item())
-        rec = dict(case=tag, rel_err=round(err, 6), max_err=round(pf.rel_err(got, ref, "max"), 6),
+        rec = dict(case=tag, rel_err=round(err, 6), max_err=round(rel_err(got, ref, "max"), 6),
                    ok=ok, s=round(time.time() - t, 2))
     except Exception as exc:
         rec = dict(case=tag, ok=False, error=f"{type(exc).__name__}: {exc}"[:1000])
@@ -98,12 +115,12 @@ def phase_correctness():
     E, H, I, k = (SMALL[c] for c in "EHIk")
     for bits in (4, 8):
         for gs in (32, 64, 128):
-            ex = pf.make_experts(E, H, I, bits, gs)
+            ex = make_experts(E, H, I, bits, gs)
             for T in SMALL["T"]:
                 if time.time() - T0 > BUDGET_S:
                     log("budget reached in correctness")
                     return
-                x, w, ids = pf.random_routing(T, E, k, H)
+                x, w, ids = routing(ex, T, k)
                 check(f"b{bits} g{gs} T{T} vs loop",
                       lambda: pf.run_prefill(ex, x, w, ids),
                       lambda: experts_mod.run_loop(ex, x, w, ids))
@@ -113,16 +130,16 @@ def phase_correctness():
         dict(bits=0, gs=64, activation="silu", bias=False, dtype=mx.bfloat16),
     ]
     for c in extra:
-        ex = pf.make_experts(E, 384, 192, c["bits"], c["gs"], c["activation"],
+        ex = make_experts(E, 384, 192, c["bits"], c["gs"], c["activation"],
                              c["bias"], c["dtype"])
-        x, w, ids = pf.random_routing(300 if not DRY else 40, E, k, 384, c["dtype"], skew=2.0)
+        x, w, ids = routing(ex, 300 if not DRY else 40, k, c["dtype"], skew=2.0)
         check(f"{c} T300 skewed vs loop",
               lambda: pf.run_prefill(ex, x, w, ids),
               lambda: experts_mod.run_loop(ex, x, w, ids))
         if c["bits"] and c["dtype"] == mx.bfloat16:
             check(f"{c} T300 vs numpy model (tight)",
                   lambda: pf.run_prefill(ex, x, w, ids),
-                  lambda: pf.reference_prefill(ex, x, w, ids), tol=5e-3)
+                  lambda: reference_prefill(ex, x, w, ids), tol=5e-3)
 
 
 QWEN = dict(E=8, H=256, I=128, k=2) if DRY else dict(E=128, H=2048, I=768, k=8)
@@ -132,27 +149,24 @@ BIG_T = (64, 128, 256) if DRY else (512, 2048, 8192)
 @guarded("qwen-correctness")
 def phase_qwen_correctness(ex):
     for T in BIG_T:
-        x, w, ids = pf.random_routing(T, QWEN["E"], QWEN["k"], QWEN["H"])
+        x, w, ids = routing(ex, T, QWEN["k"])
         check(f"qwen q4g64 T{T}: sorted gather_qmm (run_gather) vs loop",
               lambda: experts_mod.run_gather(ex, x, w, ids),
               lambda: experts_mod.run_loop(ex, x, w, ids))
         check(f"qwen q4g64 T{T}: ours vs gather",
               lambda: pf.run_prefill(ex, x, w, ids),
               lambda: experts_mod.run_gather(ex, x, w, ids))
-        check(f"qwen q4g64 T{T}: dequant_gather vs gather",
-              lambda: pf.run_dequant_gather(ex, x, w, ids),
-              lambda: experts_mod.run_gather(ex, x, w, ids))
         if T == BIG_T[0]:
             check(f"qwen q4g64 T{T}: ours vs numpy model (tight)",
                   lambda: pf.run_prefill(ex, x, w, ids),
-                  lambda: pf.reference_prefill(ex, x, w, ids), tol=5e-3)
+                  lambda: reference_prefill(ex, x, w, ids), tol=5e-3)
 
 
 @guarded("timing")
 def phase_timing(ex, label="q4 g64"):
     E, H, I, k = QWEN["E"], QWEN["H"], QWEN["I"], QWEN["k"]
     for T in BIG_T:
-        x, w, ids = pf.random_routing(T, E, k, H)
+        x, w, ids = routing(ex, T, k)
         flop = 6.0 * T * k * H * I
         row = dict(fmt=label, T=T, gflop=flop / 1e9)
         launch = pf.mlx_launcher()
@@ -181,7 +195,6 @@ def phase_timing(ex, label="q4 g64"):
             "ours_down_bk64": lambda: pf._launch_proj(
                 launch, h, order, tiles, segs, slots, (ex.down_proj,), False, 0, x.dtype, bk=64),
             "gather_qmm_sorted": lambda: experts_mod.run_gather(ex, x, w, ids),
-            "dequant_gather_mm": lambda: pf.run_dequant_gather(ex, x, w, ids),
         }
         skip = os.environ.get("PREFILL_TIME_SKIP", "").split(",")
         variants = {n: f for n, f in variants.items() if n not in skip}
@@ -193,8 +206,7 @@ def phase_timing(ex, label="q4 g64"):
                 iters = 3 if (name == "gather_qmm_sorted" and T >= 2048) else 10
                 ms = bench(fn, iters=iters)
                 row[name + "_ms"] = round(ms, 3)
-                if name in ("ours", "ours_kernels", "ours_kernels_bk64", "gather_qmm_sorted",
-                            "dequant_gather_mm"):
+                if name in ("ours", "ours_kernels", "ours_kernels_bk64", "gather_qmm_sorted"):
                     row[name + "_tflops"] = round(flop / ms / 1e9, 2)
             except Exception as exc:
                 row[name + "_error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -209,8 +221,8 @@ def phase_timing(ex, label="q4 g64"):
 def phase_probe():
     """Run-2 probes: Qwen shape T=8192 vs loop; gather_mm (float experts) correctness."""
     E, H, I, k = QWEN["E"], QWEN["H"], QWEN["I"], QWEN["k"]
-    ex = pf.make_experts(E, H, I, 4, 64)
-    x, w, ids = pf.random_routing(BIG_T[-1], E, k, H)
+    ex = make_experts(E, H, I, 4, 64)
+    x, w, ids = routing(ex, BIG_T[-1], k)
     ref = experts_mod.run_loop(ex, x, w, ids)
     mx.eval(ref)
     check(f"qwen q4g64 T{BIG_T[-1]}: ours vs loop",
@@ -221,25 +233,19 @@ def phase_probe():
           lambda: pf.run_prefill(ex, x, w, ids, bk=32, kernels=True), lambda: ref)
     del ref
     for bits, gs, Ts in ((4, 32, (9, 8192)), (8, 64, (512,))):
-        exs = pf.make_experts(16, 512, 256, bits, gs)
+        exs = make_experts(16, 512, 256, bits, gs)
         for T in Ts:
-            x, w, ids = pf.random_routing(T, 16, 4, 512)
+            x, w, ids = routing(exs, T, 4)
             check(f"kernels bk64 b{bits} g{gs} T{T} vs loop",
                   lambda: pf.run_prefill(exs, x, w, ids, bk=64, kernels=True),
                   lambda: experts_mod.run_loop(exs, x, w, ids))
     del ex
-    exf = pf.make_experts(16, 512, 256, 0, 64)
+    exf = make_experts(16, 512, 256, 0, 64)
     for T in (4, 64):
-        x, w, ids = pf.random_routing(T, 16, 4, 512)
+        x, w, ids = routing(exf, T, 4)
         check(f"float bf16 experts T{T}: run_gather (gather_mm{' sorted' if T * 4 >= 64 else ''}) vs loop",
               lambda: experts_mod.run_gather(exf, x, w, ids),
               lambda: experts_mod.run_loop(exf, x, w, ids))
-    ex = pf.make_experts(16, 512, 256, 4, 64)
-    x, w, ids = pf.random_routing(64, 16, 4, 512)
-    for contiguous in (False, True):
-        check(f"dequant_gather contiguous={contiguous} vs loop",
-              lambda: pf.run_dequant_gather(ex, x, w, ids, contiguous=contiguous),
-              lambda: experts_mod.run_loop(ex, x, w, ids))
 
 
 QWEN3_CONFIG = dict(
@@ -294,13 +300,22 @@ def phase_model(T=64 if DRY else 512):
         del stock
     ours, _ = build_model(QWEN3_CONFIG)
     ours = prep(ours)
+    flags = ("MLX_MOE_PREFILL_BK", "MLX_MOE_PREFILL_PLAN", "MLX_MOE_PREFILL_COMBINE")
+    saved = {f: os.environ.get(f) for f in flags}
     for backend in [v for v in variants if v != "stock"]:
-        pf.DEFAULT_BK = 64 if backend.endswith("bk64") else 32
-        pf.PLAN_KERNEL = pf.COMBINE_KERNEL = "kernels" in backend
+        kernel = "kernel" if "kernels" in backend else "ops"
+        os.environ.update(MLX_MOE_PREFILL_BK="64" if backend.endswith("bk64") else "32",
+                          MLX_MOE_PREFILL_PLAN=kernel, MLX_MOE_PREFILL_COMBINE=kernel)
         for layer in ours.model.layers:
             layer.mlp.switch_mlp.backend = "prefill" if backend.startswith("prefill") else backend
-        ms = bench(prefill(ours), iters=3)
-        pf.DEFAULT_BK, pf.PLAN_KERNEL, pf.COMBINE_KERNEL = 32, False, False
+        try:
+            ms = bench(prefill(ours), iters=3)
+        finally:
+            for f, v in saved.items():
+                if v is None:
+                    os.environ.pop(f, None)
+                else:
+                    os.environ[f] = v
         RESULTS["model"].append(dict(variant=f"mlx-moe {backend}", layers=L, T=T,
                                      ms=round(ms, 2), ms_per_layer=round(ms / L, 3),
                                      est_tok_s_48_layers=round(T / (ms / L * 48) * 1e3, 1)))
@@ -315,11 +330,11 @@ def main():
     except Exception:
         info = {}
     RESULTS["device"] = str(mx.default_device()) + " " + json.dumps({k: str(v) for k, v in info.items()})
-    RESULTS["platform"] = pf.gpu_platform()
+    RESULTS["platform"] = gpu_backend()
     log("device", RESULTS["device"], "platform", RESULTS["platform"])
-    pf.register(dequant_gather=True)
+    pf.register()
     phases = os.environ.get("PREFILL_PHASES", "qwen,time,correct,model").split(",")
-    ex = pf.make_experts(QWEN["E"], QWEN["H"], QWEN["I"], 4, 64)
+    ex = make_experts(QWEN["E"], QWEN["H"], QWEN["I"], 4, 64)
     for phase in phases:
         if phase != "qwen" and time.time() - T0 > BUDGET_S:
             log("budget reached, skipping phase", phase)

@@ -1,4 +1,4 @@
-"""CPU tests of the fused decode kernels (mlx_moe/kernels).
+"""CPU tests of the fused decode kernels (mlx_moe/kernels/fused).
 
 * the NumPy reference of the kernels' exact semantics agrees with the ``gather``
   and ``loop`` backends;
@@ -6,7 +6,7 @@
   (one fiber per GPU thread, real lane reductions), match that reference over
   formats, activations, dtypes, biases, token counts and launch shapes;
 * the generated Metal files are fresh; the Metal emission passes a host C++
-  syntax check against a shim (metal_kernels/shim/metal_shim.h says what that
+  syntax check against a shim (tests/metal_shim/metal_shim.h says what that
   cannot catch); the CUDA emission compiles with nvcc when present;
 * the ``fused`` backend registers, refuses the CPU with a reason, and plans
   only supported calls.
@@ -16,7 +16,6 @@ import importlib.util
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,12 +23,15 @@ import numpy as np
 import pytest
 
 from mlx_moe import kernels
-from mlx_moe.experts import BACKENDS, MoEExperts, run_gather, run_loop
-from mlx_moe.kernels import emulate, fused, reference, sources
-from mlx_moe.kernels.reference import max_rel, random_experts, random_inputs
+from mlx_moe.experts import BACKENDS, run_gather, run_loop
+from mlx_moe.kernels.fused import backend as fused
+from mlx_moe.kernels.fused import sources
+from mlx_moe.testing import emulate_fused as emulate
+from mlx_moe.testing import reference
+from mlx_moe.testing.reference import random_experts, random_inputs, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIM = ROOT / "metal_kernels" / "shim"
+SHIM = Path(__file__).resolve().parent / "metal_shim"
 
 F32, BF16, F16 = mx.float32, mx.bfloat16, mx.float16
 
@@ -60,7 +62,7 @@ def test_reference_matches_backends(fmt, act, bias):
     y = reference.reference(e, x, w, ids)
     for run in (run_gather, run_loop):
         out = np.array(run(e, x, w, ids).astype(F32))
-        assert max_rel(out, y) < 1e-5, run.__name__
+        assert rel_err(out, y, "max") < 1e-5, run.__name__
 
 
 # --------------------------------------------------------- emulated kernels
@@ -104,8 +106,15 @@ def _emu_layers():
     return layers
 
 
+@pytest.fixture(autouse=True)
+def _restore_tuning():
+    """Launch-shape overrides are module globals of the backend: never leak them."""
+    yield
+    fused.reset_tuning()
+
+
 @pytest.fixture(scope="module")
-def emu():
+def emu(tmp_path_factory):
     if emulate.compiler() is None:
         pytest.skip("no host C++ compiler")
     layers = _emu_layers()
@@ -113,7 +122,8 @@ def emu():
     for _, e, x, w, ids, tune in layers:
         with _tuning(tune):
             configs += emulate.layer_configs(e, x, ids, w)
-    return emulate.HostLibrary(configs, extra=EXTRA_CPP), layers
+    lib = emulate.HostLibrary(configs, tmp_path_factory.mktemp("fused_emu"), extra=EXTRA_CPP)
+    return lib, layers
 
 
 class _tuning:
@@ -135,14 +145,14 @@ def test_emulated_kernels_match_reference(emu):
             y, h = emulate.run_layer(lib, e, x, w, ids)
         y_ref, h_ref = reference.reference(e, x, w, ids, return_h=True)
         what = f"case {i} {EMU_CASES[i][:4]} m={x.shape[0]} k={ids.shape[-1]}"
-        assert max_rel(h, h_ref) < 2e-6, what
+        assert rel_err(h, h_ref, "max") < 2e-6, what
         # y is written in x's dtype: its rounding dominates
         tol = {F32: 2e-6, F16: 2e-3, BF16: 8e-3}[x.dtype]
-        assert max_rel(y, y_ref) < tol, what
+        assert rel_err(y, y_ref, "max") < tol, what
         # and the project's oracle, in x's dtype
         y_loop = np.array(run_loop(e, x, w, ids).astype(F32))
         loop_tol = {F32: 1e-5, F16: 1e-2, BF16: 3e-2}[x.dtype]
-        assert max_rel(y, y_loop) < loop_tol, what
+        assert rel_err(y, y_loop, "max") < loop_tol, what
 
 
 class _EmuKernel:
@@ -188,7 +198,7 @@ def test_fused_call_path_on_emulator(emu, monkeypatch):
         assert y.shape == xs.shape and y.dtype == x.dtype
         y_ref = reference.reference(e, x, w, ids)
         tol = {F32: 2e-6, F16: 2e-3, BF16: 8e-3}[x.dtype]
-        assert max_rel(np.array(y.astype(F32)).reshape(m, -1), y_ref) < tol, i
+        assert rel_err(np.array(y.astype(F32)).reshape(m, -1), y_ref, "max") < tol, i
 
 
 def test_emulated_helpers(emu):

@@ -6,29 +6,28 @@ backend against the NumPy reference of its exact semantics and against the
 ``loop`` backend (MLX ops in the model dtype) on the same device; plus mxfp4,
 float weights, other dtypes, biases, launch shapes and auto selection.
 
-``scripts/gpu_check.py`` runs this file (with pytest, or without it through
-``run_all``) and records the max errors kept in ``RESULTS``.
+``scripts/gpu_check.py`` runs this file with ``MLX_MOE_GPU_RESULTS`` set to a
+path; each checked case then appends ``name, err vs reference, err vs loop`` there.
 """
+
+import os
 
 import mlx.core as mx
 import numpy as np
-
-try:
-    import pytest
-except ImportError:  # scripts/gpu_check.py can run these without pytest
-    pytest = None
+import pytest
 
 from mlx_moe import kernels
 from mlx_moe.experts import BACKENDS, run_loop
-from mlx_moe.kernels import fused, reference
-from mlx_moe.kernels.reference import max_rel, random_experts, random_inputs
+from mlx_moe.kernels.common import gpu_backend
+from mlx_moe.kernels.fused import backend as fused
+from mlx_moe.testing import reference
+from mlx_moe.testing.reference import random_experts, random_inputs, rel_err
 
-HAS_GPU = fused.gpu_backend() is not None
-if pytest is not None:
-    pytestmark = [
-        pytest.mark.gpu,
-        pytest.mark.skipif(not HAS_GPU, reason="needs an MLX GPU backend (Metal or CUDA)"),
-    ]
+HAS_GPU = gpu_backend() is not None
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_GPU, reason="needs an MLX GPU backend (Metal or CUDA)"),
+]
 
 BF16, F16, F32 = mx.bfloat16, mx.float16, mx.float32
 BITS = (4, 8)
@@ -43,15 +42,13 @@ REF_TOL = {F32: 1e-5, F16: 3e-3, BF16: 1e-2}
 # of the float64 reference), hence its looser float32 bound.
 LOOP_TOL = {F32: 2e-3, F16: 1e-2, BF16: 4e-2}
 
-RESULTS = []  # (name, max err vs reference, max err vs loop)
 
 
-def params(names, values):
-    """pytest.mark.parametrize that also leaves the values for run_all."""
-    def deco(f):
-        f.params = (names, values)
-        return pytest.mark.parametrize(names, values)(f) if pytest else f
-    return deco
+def _record(name, er, el):
+    path = os.environ.get("MLX_MOE_GPU_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{name}\t{er:.3e}\t{el:.3e}\n")
 
 
 def _check(name, e, x, w, ids):
@@ -61,8 +58,8 @@ def _check(name, e, x, w, ids):
     y = np.array(y.astype(F32))
     y_ref = reference.reference(e, x, w, ids)
     y_loop = np.array(run_loop(e, x, w, ids).astype(F32))
-    er, el = max_rel(y, y_ref), max_rel(y, y_loop)
-    RESULTS.append((name, er, el))
+    er, el = rel_err(y, y_ref, "max"), rel_err(y, y_loop, "max")
+    _record(name, er, el)
     assert np.isfinite(y).all(), name
     assert er < REF_TOL[x.dtype], f"{name}: {er:.2e} vs reference"
     assert el < LOOP_TOL[x.dtype], f"{name}: {el:.2e} vs loop"
@@ -71,7 +68,7 @@ def _check(name, e, x, w, ids):
 AFFINE = [(b, g, a) for b in BITS for g in GROUPS for a in ACTS]
 
 
-@params("bits,group,act", AFFINE)
+@pytest.mark.parametrize("bits,group,act", AFFINE)
 def test_affine(bits, group, act):
     # H = 640: 20 (4-bit) / 40 (8-bit) 16-byte words per row, so lane tails;
     # I = 384 rows, not a multiple of every block's row count.
@@ -95,7 +92,7 @@ FORMATS = [
 ]
 
 
-@params("fmt,dtype,bias,act,shape", FORMATS)
+@pytest.mark.parametrize("fmt,dtype,bias,act,shape", FORMATS)
 def test_formats(fmt, dtype, bias, act, shape):
     E, H, I, k = shape
     e = random_experts(E, H, I, act, fmt, dtype, bias=bias, seed=H + I)
@@ -112,7 +109,7 @@ TUNINGS = [
 ]
 
 
-@params("tune_a,tune_b", TUNINGS)
+@pytest.mark.parametrize("tune_a,tune_b", TUNINGS)
 def test_launch_shapes(tune_a, tune_b):
     e = random_experts(32, 2048, 768, "silu", ("affine", 4, 64), BF16, seed=7)
     fused.set_tuning(tune_a, tune_b)
@@ -135,7 +132,7 @@ def test_auto_picks_fused_for_decode():
         y_ref = reference.reference(e, x, w, ids)
         # gather_qmm in bf16 is the least exact path (CPU: ~5e-2)
         tol = REF_TOL[BF16] if want == "fused" else 8e-2
-        assert max_rel(np.array(y.astype(F32)).reshape(m, -1), y_ref) < tol
+        assert rel_err(np.array(y.astype(F32)).reshape(m, -1), y_ref, "max") < tol
 
 
 def test_qwen3_30b_shape():
@@ -144,26 +141,3 @@ def test_qwen3_30b_shape():
         x, w, ids = random_inputs(e, m, 8, BF16, seed=m)
         _check(f"qwen3-30b-a3b shape m={m}", e, x, w, ids)
 
-
-def run_all(log=print):
-    """Run every test here without pytest; returns (passed, failed)."""
-    import inspect
-    import sys
-    import traceback
-
-    mod = sys.modules[__name__]
-    passed = failed = 0
-    for name, f in inspect.getmembers(mod, inspect.isfunction):
-        if not name.startswith("test_"):
-            continue
-        names, values = getattr(f, "params", (None, [()]))
-        for v in values:
-            args = v if isinstance(v, tuple) else (v,)
-            try:
-                f(*args)
-                passed += 1
-                log(f"PASS {name}{args if names else ''}")
-            except Exception:
-                failed += 1
-                log(f"FAIL {name}{args if names else ''}\n{traceback.format_exc()}")
-    return passed, failed

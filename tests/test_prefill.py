@@ -1,4 +1,4 @@
-"""Grouped-GEMM prefill (mlx_moe/kernels/prefill.py, metal_kernels/prefill_*).
+"""Grouped-GEMM prefill (mlx_moe/kernels/prefill/).
 
 CPU: the numpy model of the kernel (tile schedule, sort/segment bookkeeping,
 AFQ unpacking) against the ``loop`` backend; the kernel body itself run by the
@@ -16,17 +16,35 @@ import pytest
 
 from mlx_moe import experts as experts_mod
 from mlx_moe.experts import run_loop
-from mlx_moe.kernels import prefill as pf
+from mlx_moe.kernels.common import gpu_backend
+from mlx_moe.kernels.prefill import backend as pf
+from mlx_moe.kernels.prefill import sources
+from mlx_moe.testing import emulate_prefill
+from mlx_moe.testing.reference import (
+    dequantize, random_experts, random_inputs, reference_prefill, rel_err)
 
-HAS_GPU = mx.cuda.is_available() or mx.metal.is_available()
+HAS_GPU = gpu_backend() is not None
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an MLX GPU backend")
 
 
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """``emu(mode)``: a CPU-emulator launcher building into this session's tmp dir."""
+    cache = tmp_path_factory.mktemp("prefill_emu")
+    return lambda mode="cpu": emulate_prefill.cpu_launcher(cache, mode)
+
+
+def _experts(E, H, I, bits=4, gs=32, act="silu", bias=False, dtype=mx.bfloat16, seed=0):
+    fmt = ("affine", bits, gs) if bits else ("float", 0, 0)
+    return random_experts(E, H, I, act, fmt, dtype, bias, seed=seed)
+
+
 def _case(E=8, H=128, I=64, k=2, T=40, bits=4, gs=32, act="silu", bias=False,
           dtype=mx.bfloat16, skew=0.0, seed=0):
-    ex = pf.make_experts(E, H, I, bits, gs, act, bias, dtype, seed=seed)
-    x, w, ids = pf.random_routing(T, E, k, H, dtype, seed=seed + 1, skew=skew)
+    ex = _experts(E, H, I, bits, gs, act, bias, dtype, seed=seed)
+    x, w, ids = random_inputs(ex, T, k, dtype, seed=seed + 1, ids_dtype=mx.int32,
+                              weights_dtype=mx.float32, skew=skew)
     return ex, x, w, ids
 
 
@@ -36,31 +54,31 @@ def _case(E=8, H=128, I=64, k=2, T=40, bits=4, gs=32, act="silu", bias=False,
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 def test_np_dequant_matches_mlx(bits, gs):
-    ex = pf.make_experts(4, 256, 128, bits, gs, dtype=mx.float32)
+    ex = _experts(4, 256, 128, bits, gs, dtype=mx.float32)
     for p in (ex.gate_proj, ex.down_proj):
         ref = np.stack([np.array(p.expert_weight(e)) for e in range(4)])
-        np.testing.assert_allclose(pf.np_dequant(p), ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dequantize(p), ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "T,E,k,skew", [(40, 8, 2, 0.0), (9, 16, 4, 0.0), (300, 4, 2, 3.0), (64, 128, 8, 0.0)]
 )
 @pytest.mark.parametrize("impl", ["ops", "kernel"])
-def test_plan(T, E, k, skew, impl):
+def test_plan(T, E, k, skew, impl, emu):
     if impl == "kernel" and shutil.which("g++") is None:
         pytest.skip("needs g++")
-    _, _, ids = pf.random_routing(T, E, k, 32, skew=skew)
+    _, _, ids = random_inputs(_experts(E, 32, 32, bits=0), T, k, ids_dtype=mx.int32, skew=skew)
     if impl == "ops":
         order, segs, tiles, slots = pf.plan_ops(ids, E)
     else:  # the plan kernel body on the CPU emulator
-        order, segs, tiles, slots = pf.plan_kernel(ids, E, pf.cpu_launcher())
+        order, segs, tiles, slots = pf.plan_kernel(ids, E, emu())
     flat = np.array(ids).reshape(-1)
     order, segs, tiles = np.array(order), np.array(segs), np.array(tiles)
     assert sorted(order.tolist()) == list(range(flat.size))
     assert np.all(np.diff(flat[order]) >= 0)
     counts = np.bincount(flat, minlength=E)
     np.testing.assert_array_equal(segs, np.concatenate([[0], np.cumsum(counts)]))
-    mt = -(-counts // pf.BM)
+    mt = -(-counts // sources.BM)
     np.testing.assert_array_equal(tiles, np.concatenate([[0], np.cumsum(mt)]))
     assert tiles[-1] <= slots
     for e in range(E):
@@ -93,8 +111,8 @@ REF_CASES = [
 def test_reference_matches_loop(cfg):
     ex, x, w, ids = _case(**cfg)
     ref = run_loop(ex, x, w, ids)
-    got = pf.reference_prefill(ex, x, w, ids)
-    assert pf.rel_err(got, ref) < 2e-2
+    got = reference_prefill(ex, x, w, ids)
+    assert rel_err(got, ref) < 2e-2
 
 
 # ---------------------------------------------------------------- the kernel body on the CPU
@@ -104,15 +122,15 @@ needs_cxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C
 
 @needs_cxx
 @pytest.mark.parametrize("cfg", REF_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_emulated_kernel_matches_reference(cfg, tmp_path_factory):
+def test_emulated_kernel_matches_reference(cfg, emu):
     ex, x, w, ids = _case(**cfg)
-    ref = pf.reference_prefill(ex, x, w, ids)
-    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"))
-    assert pf.rel_err(got, ref) < 2e-3
-    assert pf.rel_err(got, run_loop(ex, x, w, ids)) < 2e-2
+    ref = reference_prefill(ex, x, w, ids)
+    got = pf.run_prefill(ex, x, w, ids, launch=emu("cpu"))
+    assert rel_err(got, ref) < 2e-3
+    assert rel_err(got, run_loop(ex, x, w, ids)) < 2e-2
     # the same through the plan / combine kernels
-    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"), kernels=True)
-    assert pf.rel_err(got, ref) < 2e-3
+    got = pf.run_prefill(ex, x, w, ids, launch=emu("cpu"), kernels=True)
+    assert rel_err(got, ref) < 2e-3
 
 
 @needs_cxx
@@ -122,12 +140,12 @@ def test_emulated_kernel_matches_reference(cfg, tmp_path_factory):
      dict(bits=4, gs=32, dtype=mx.float16, E=4, T=100, skew=2.0)],
     ids=["q4", "q8-partial-bias", "f16-multitile"],
 )
-def test_emulated_mma16816_matches_reference(cfg):
+def test_emulated_mma16816_matches_reference(cfg, emu):
     """The CUDA warp tile's fragment indexing (prefill_mma16816.h) on an emulated mma.sync."""
     ex, x, w, ids = _case(**cfg)
-    ref = pf.reference_prefill(ex, x, w, ids)
-    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu_mma16816"))
-    assert pf.rel_err(got, ref) < 2e-3
+    ref = reference_prefill(ex, x, w, ids)
+    got = pf.run_prefill(ex, x, w, ids, launch=emu("cpu_mma16816"))
+    assert rel_err(got, ref) < 2e-3
 
 
 BK64_CASES = [
@@ -141,23 +159,23 @@ BK64_CASES = [
 @needs_cxx
 @pytest.mark.parametrize("mode", ["cpu", "cpu_mma16816"])
 @pytest.mark.parametrize("cfg", BK64_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_emulated_kernel_bk64(cfg, mode):
+def test_emulated_kernel_bk64(cfg, mode, emu):
     if mode == "cpu_mma16816" and cfg["bits"] != 4:
         pytest.skip("slow mode: one case")
     ex, x, w, ids = _case(**cfg)
-    ref = pf.reference_prefill(ex, x, w, ids)
-    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher(mode), bk=64, kernels=True)
-    assert pf.rel_err(got, ref) < 2e-3
+    ref = reference_prefill(ex, x, w, ids)
+    got = pf.run_prefill(ex, x, w, ids, launch=emu(mode), bk=64, kernels=True)
+    assert rel_err(got, ref) < 2e-3
 
 
 @needs_cxx
-def test_emulated_kernel_catches_a_wrong_weight():
+def test_emulated_kernel_catches_a_wrong_weight(emu):
     """Negative control: the comparison is sensitive to one changed expert."""
     ex, x, w, ids = _case(bits=4, gs=32)
-    got = pf.run_prefill(ex, x, w, ids, launch=pf.cpu_launcher("cpu"))
+    got = pf.run_prefill(ex, x, w, ids, launch=emu("cpu"))
     ex.down_proj.scales = ex.down_proj.scales.at[3].multiply(1.5)
-    ref = pf.reference_prefill(ex, x, w, ids)
-    assert pf.rel_err(got, ref) > 1e-2
+    ref = reference_prefill(ex, x, w, ids)
+    assert rel_err(got, ref) > 1e-2
 
 
 # ---------------------------------------------------------------- CUDA emission (nvcc)
@@ -198,21 +216,21 @@ def test_cuda_emission_compiles(tmp_path, bits, gated, dtype, bias, bk):
         wq, s = mx.zeros((E, N, K), mx.bfloat16), d
     tmpl = [("T", dtype), ("BITS", bits), ("GS", 64), ("GATED", gated), ("ACT", 0),
             ("HAS_BIAS", bias), ("E", E), ("K", K), ("N", N), ("TOPK", 8 if gated else 1)]
-    _nvcc(tmp_path, pf.cuda_source("gemm", [x, o, r, r, wq, s, s, wq, s, s, d, d], tmpl, [dtype],
+    _nvcc(tmp_path, sources.cuda_source("gemm", [x, o, r, r, wq, s, s, wq, s, s, d, d], tmpl, [dtype],
                                    bk=bk))
 
 
 @needs_nvcc
 def test_cuda_emission_compiles_plan_and_combine(tmp_path):
     ids, order = mx.zeros((64,), mx.uint32), mx.zeros((64,), mx.uint32)
-    _nvcc(tmp_path, pf.cuda_source("plan", [ids, order], [("E", 128)], [mx.int32, mx.int32]))
+    _nvcc(tmp_path, sources.cuda_source("plan", [ids, order], [("E", 128)], [mx.int32, mx.int32]))
     y, w = mx.zeros((64, 2048), mx.bfloat16), mx.zeros((8, 8), mx.float32)
-    _nvcc(tmp_path, pf.cuda_source("combine", [y, w], [("TOPK", 8), ("N", 2048)], [mx.float32]))
+    _nvcc(tmp_path, sources.cuda_source("combine", [y, w], [("TOPK", 8), ("N", 2048)], [mx.float32]))
 
 
 @pytest.mark.parametrize("kernel", ["gemm", "plan", "combine"])
 def test_metal_emission_names_its_attributes(kernel):
-    header, source = pf.emit("metal", kernel)
+    header, source = sources.emit("metal", kernel)
     for name in ("thread_index_in_threadgroup", "threadgroup_position_in_grid"):
         assert name in source  # metal_kernel only adds attributes named in the source
     assert "simdgroup_multiply_accumulate" in header
@@ -228,8 +246,8 @@ def test_available_and_registration():
     assert not pf.supports(ex, x.astype(mx.float32), ids)
     if not HAS_GPU:
         assert not pf.available(ex, x, ids)
-    pf.register(dequant_gather=True)
-    assert "prefill" in experts_mod.BACKENDS and "dequant_gather" in experts_mod.BACKENDS
+    pf.register()
+    assert "prefill" in experts_mod.BACKENDS
 
 
 # ---------------------------------------------------------------- GPU
@@ -247,7 +265,7 @@ def test_gpu_prefill_matches_loop(bits, gs, T):
     with mx.stream(mx.gpu):
         got = pf.run_prefill(ex, x, w, ids)
         ref = run_loop(ex, x, w, ids)
-        assert pf.rel_err(got, ref) < 2e-2
+        assert rel_err(got, ref) < 2e-2
 
 
 @gpu
@@ -257,4 +275,4 @@ def test_gpu_qwen_shape_matches_gather(T):
     ex, x, w, ids = _case(E=128, H=2048, I=768, k=8, T=T, bits=4, gs=64)
     got = pf.run_prefill(ex, x, w, ids)
     ref = experts_mod.run_gather(ex, x, w, ids)  # sorted gather_qmm (pairs >= 64)
-    assert pf.rel_err(got, ref) < 2e-2
+    assert rel_err(got, ref) < 2e-2

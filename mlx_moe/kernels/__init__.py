@@ -1,22 +1,26 @@
-"""Fused MoE kernels (Metal and CUDA from one source) and their backend.
+"""MoE kernels (Metal and CUDA from one source per family) and their backends.
+
+``fused/`` holds the decode kernels (at most 8 tokens), ``prefill/`` the
+grouped GEMM (more tokens): each has its kernel sources, a ``sources`` module
+that assembles them per platform, and a ``backend`` module that launches them.
+``common.py`` holds what both share.
 
 Call :func:`register` once (``mlx_moe/__init__.py`` does) to add the ``fused``
-(decode, at most 8 tokens) and ``prefill`` (grouped GEMM, more tokens) backends
-to :data:`mlx_moe.experts.BACKENDS`; ``auto`` picks them where their
-``available`` holds (GPU default device, supported format).
+and ``prefill`` backends to :data:`mlx_moe.experts.BACKENDS`; ``auto`` picks
+them where their ``available`` holds (GPU default device, supported format).
 """
 
 _registered = False
 
 
 def register():
-    """Register the ``fused`` backend with :mod:`mlx_moe.experts` (idempotent)."""
+    """Register the ``fused`` and ``prefill`` backends with :mod:`mlx_moe.experts` (idempotent)."""
     global _registered
     if _registered:
         return
     from ..experts import Backend, register_backend
-    from . import prefill
-    from .fused import available, run_fused
+    from .fused.backend import available, run_fused
+    from .prefill import backend as prefill
 
     register_backend("fused", Backend(run_fused, available))
     prefill.register()

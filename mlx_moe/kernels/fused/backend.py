@@ -7,29 +7,23 @@ computes every output row as the top-k weighted sum of the k experts' down rows
 applied to ``h``, accumulated in float32: ``y [m, H]`` in the input dtype.
 
 Both run through ``mx.fast.metal_kernel`` on Macs and ``mx.fast.cuda_kernel``
-on NVIDIA GPUs, from the same source (see ``sources.py``). The call path is
-lazy: no ``eval``/``item``; kernel objects and launch plans are cached.
+on NVIDIA GPUs, from the same source (``sources.py`` beside this module). The
+call path is lazy: no ``eval``/``item``; kernel objects and launch plans are
+cached.
 """
 
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Dict, Optional, Tuple
-
 import weakref
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
+from ..common import ACT_IDS, gpu_backend, pow2_ceil
 from . import sources
 
 MAX_TOKENS = 8
 
-ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu_oai": 4}
 XK_IDS = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-DTYPE_NAMES = {
-    mx.float32: "float32",
-    mx.float16: "float16",
-    mx.bfloat16: "bfloat16",
-}
 FLOAT_WK = {mx.float32: 2, mx.float16: 3, mx.bfloat16: 4}
 AFFINE_BITS = (4, 8)
 AFFINE_GROUPS = (32, 64, 128)
@@ -46,24 +40,7 @@ class Unsupported(ValueError):
     """The fused backend cannot run this call (the message says why)."""
 
 
-# ------------------------------------------------------------------ backends
-
-
-@lru_cache(maxsize=None)
-def gpu_backend() -> Optional[str]:
-    """``"metal"``/``"cuda"`` when MLX has that GPU backend, else None."""
-    try:
-        if mx.metal.is_available():
-            return "metal"
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        if mx.cuda.is_available():
-            return "cuda"
-    except Exception:  # pragma: no cover
-        pass
-    return None
-
+# ------------------------------------------------------------ kernel objects
 
 _KERNEL_OBJECTS: Dict[Tuple[str, str], object] = {}
 
@@ -96,13 +73,6 @@ def kernel_object(name: str, backend: str):
 
 
 # --------------------------------------------------------------------- plans
-
-
-def _pow2_ceil(n):
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 def proj_format(layer, what) -> Tuple[int, int, int]:
@@ -148,7 +118,7 @@ def _check_in_dim(fmt, in_dim, what):
 def _lpr(chunks, iters, override):
     if override:
         return int(override)
-    return max(4, min(32, _pow2_ceil(-(-chunks // iters))))
+    return max(4, min(32, pow2_ceil(-(-chunks // iters))))
 
 
 @dataclass
@@ -221,7 +191,7 @@ def _make_plan(experts, x, ids) -> Plan:
     if m > MAX_TOKENS:
         raise Unsupported(f"fused kernels are for decode: {m} tokens > {MAX_TOKENS}")
     g, u, d = experts.gate_proj, experts.up_proj, experts.down_proj
-    E, I = experts.num_experts, experts.hidden_dims
+    E, I = experts.num_experts, experts.intermediate_size
     if g.input_dims != H or d.output_dims != H:
         raise Unsupported(f"expert input dims {g.input_dims} != hidden size {H}")
     fa = proj_format(g, "gate_proj")
@@ -241,7 +211,7 @@ def _make_plan(experts, x, ids) -> Plan:
     lpr_b = _lpr(ncb, 3, tb.get("lpr"))
     # Give every lane subgroup a top-k slot when k is small.
     if not tb.get("lpr"):
-        lpr_b = max(lpr_b, min(32, _pow2_ceil(-(-32 // K))))
+        lpr_b = max(lpr_b, min(32, pow2_ceil(-(-32 // K))))
     rb, wpb_b = int(tb["rb"]), int(tb["wpb"])
 
     rows_per_block_a = wpb_a * (32 // lpr_a) * rps

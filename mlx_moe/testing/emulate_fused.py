@@ -1,6 +1,6 @@
-"""Run the fused kernels' bodies on the CPU (tests only).
+"""Run the fused decode kernels' bodies on the CPU (tests only).
 
-The same ``moe_gate_up.inc`` / ``moe_down.inc`` bodies that Metal and CUDA
+The same ``moe_gate_up.inc`` / ``moe_down.inc`` bodies (mlx_moe/kernels/fused/) that Metal and CUDA
 compile are built with the host C++ compiler against ``host_header.h``, which
 runs each threadblock as one fiber per thread with real lane semantics for the
 simdgroup reductions. This checks indexing, tails and reductions of the actual
@@ -14,13 +14,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from . import fused, sources
+from ..kernels.fused import backend as fused
+from ..kernels.fused import sources
 
 DTYPE = {
     mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16",
@@ -47,10 +47,11 @@ def _func_name(kernel, template, in_types, out_types):
 class HostLibrary:
     """A shared library of emulated kernel instances, built once per config set."""
 
-    def __init__(self, configs, cache_dir=None, opt="-O1", extra=""):
+    def __init__(self, configs, cache_dir, opt="-O1", extra=""):
         """``configs``: list of ``(kernel, template, in_types, out_types)``
-        with template values ints or dtype names; ``extra``: more C++ code
-        (e.g. ``extern "C"`` wrappers of helpers for tests)."""
+        with template values ints or dtype names; ``cache_dir``: where the
+        sources and libraries go (reused across calls); ``extra``: more C++
+        code (e.g. ``extern "C"`` wrappers of helpers for tests)."""
         funcs, launchers, self.names = [], [], {}
         for kernel, template, in_types, out_types in configs:
             key = (kernel, tuple(template), tuple(in_types), tuple(out_types))
@@ -76,7 +77,7 @@ class HostLibrary:
         text = (sources.header("host") + "\n" + "\n".join(funcs) + "\n"
                 + "\n".join(launchers) + "\n" + extra)
         digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-        cache = Path(cache_dir or tempfile.gettempdir()) / "mlx_moe_emu"
+        cache = Path(cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         so = cache / f"emu_{digest}.so"
         if not so.exists():

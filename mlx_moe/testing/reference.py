@@ -1,10 +1,13 @@
-"""NumPy reference of the fused kernels' exact semantics (tests, checks).
+"""NumPy references of the MoE kernels, random layers and inputs (tests, checks).
 
-Weights are dequantized in float32 exactly as the kernels do (affine:
+``reference`` models the fused decode kernels exactly: weights are dequantized in float32 exactly as the kernels do (affine:
 ``scale * q + bias`` per group; mxfp4: ``e2m1(q) * 2**(s - 127)``), dot
 products are taken in float64, ``h = act(gate + gate_bias, up + up_bias)`` is
 kept in float32 (the kernels' ``h``) and ``y = sum_k w_k * (down_e h_k +
 down_bias_e)`` is accumulated in float64.
+
+``reference_prefill`` models the grouped-GEMM prefill tile by tile, rounding
+where the kernel rounds (weights and ``h`` in the activation dtype).
 """
 
 import math
@@ -116,39 +119,121 @@ def reference(experts, x, weights, ids, return_h=False):
     return (y, h) if return_h else y
 
 
+def _round(a, dtype):
+    """float32 ``a`` rounded through the MLX ``dtype``."""
+    return np.array(mx.array(a).astype(dtype).astype(mx.float32))
+
+
+def reference_prefill(experts, x, weights, ids):
+    """NumPy model of the prefill kernel's semantics, tile by tile, in its order.
+
+    Uses the kernel's own ``plan_ops`` bookkeeping and walks (expert, m-tile)
+    blocks like the grid does; rounds dequantized weights to the activation
+    dtype like the shared-memory tiles.
+    """
+    from ..kernels.prefill.backend import plan_ops
+    from ..kernels.prefill.sources import BM
+
+    dt = x.dtype
+    H = x.shape[-1]
+    k = ids.shape[-1]
+    order, segs, tiles, slots = plan_ops(ids, experts.num_experts)
+    order, segs, tiles = (np.array(a) for a in (order, segs, tiles))
+    assert tiles[-1] <= slots
+    xs = to_numpy(x.reshape(-1, H))
+    P = order.size
+    wg, wu, wd = (_round(dequantize(p), dt) for p in
+                  (experts.gate_proj, experts.up_proj, experts.down_proj))
+    bias = [to_numpy(p["bias"]) if "bias" in p else None
+            for p in (experts.gate_proj, experts.up_proj, experts.down_proj)]
+    y = np.zeros((P, H), np.float32)
+    E = experts.num_experts
+    for slot in range(int(tiles[-1])):
+        e = int(np.searchsorted(tiles, slot, side="right") - 1)
+        r0 = segs[e] + (slot - tiles[e]) * BM
+        r1 = min(r0 + BM, segs[e + 1])
+        assert 0 <= e < E and r0 < r1
+        p = np.arange(r0, r1)
+        a = xs[order[p] // k]
+        g = a @ wg[e].T
+        u = a @ wu[e].T
+        if bias[0] is not None:
+            g, u = g + bias[0][e], u + bias[1][e]
+        h = _round(activation(experts.activation_name, _round(g, dt), _round(u, dt)), dt)
+        o = h @ wd[e].T
+        if bias[2] is not None:
+            o = o + bias[2][e]
+        y[order[p]] = _round(o, dt)
+    y = y.reshape(*ids.shape, H)
+    return (y * to_numpy(weights)[..., None]).sum(axis=-2)
+
+
+# ------------------------------------------------------------ random layers
+
+
 def random_experts(E, H, I, activation="silu", fmt=("affine", 4, 64),
                    dtype=mx.bfloat16, bias=False, seed=0):
     """A random ``MoEExperts`` in format ``("affine", bits, group)``,
-    ``("mxfp4", 4, 32)`` or ``("float", 0, 0)`` with parameters in ``dtype``."""
-    from ..experts import MoEExperts
+    ``("mxfp4", 4, 32)`` or ``("float", 0, 0)`` with parameters in ``dtype``.
+
+    Weights are cast to ``dtype`` before quantizing, like real checkpoints,
+    so the scales and biases are ``dtype`` values of ``dtype`` weights.
+    """
+    from ..experts import PROJECTIONS, MoEExperts
 
     mx.random.seed(seed)
     m = MoEExperts(E, H, I, activation=activation, bias=bias)
-    if bias:
-        for p in (m.gate_proj, m.up_proj, m.down_proj):
-            p.bias = 0.1 * mx.random.normal(p.bias.shape)
     mode, bits, gs = fmt
-    if mode != "float":
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            layer = getattr(m, name)
-            setattr(m, name, layer.to_quantized(group_size=gs, bits=bits, mode=mode))
-    m.set_dtype(dtype)
+    for name in PROJECTIONS:
+        p = getattr(m, name)
+        p.weight = p.weight.astype(dtype)
+        if bias:
+            p.bias = (0.1 * mx.random.normal(p.bias.shape)).astype(dtype)
+        if mode != "float":
+            p = p.to_quantized(group_size=gs, bits=bits, mode=mode)
+        setattr(m, name, p)
+    mx.eval(m.parameters())
     return m
 
 
-def random_inputs(experts, m, k, dtype=mx.bfloat16, seed=0, ids_dtype=mx.uint32):
-    """``x [m, H]``, softmax ``weights [m, k]`` and distinct ``ids [m, k]``."""
+def random_inputs(experts, m, k, dtype=mx.bfloat16, seed=0, ids_dtype=mx.uint32,
+                  weights_dtype=None, skew=0.0):
+    """``x [m, H]``, softmax ``weights [m, k]`` (``weights_dtype``, default
+    ``dtype``) and distinct ``ids [m, k]``.
+
+    ``skew > 0`` biases the routing towards low expert ids (uneven segments).
+    """
     rng = np.random.RandomState(seed)
     E, H = experts.num_experts, experts.gate_proj.input_dims
     x = mx.array(rng.standard_normal((m, H)).astype(np.float32)).astype(dtype)
-    ids = np.stack([rng.permutation(E)[:k] for _ in range(m)])
+    if skew:
+        logits = rng.standard_normal((m, E)) - skew * np.arange(E) / E
+        ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    else:
+        ids = np.stack([rng.permutation(E)[:k] for _ in range(m)])
     w = rng.standard_normal((m, k)).astype(np.float32)
     w = np.exp(w) / np.exp(w).sum(-1, keepdims=True)
-    return x, mx.array(w).astype(dtype), mx.array(ids.astype(np.int64)).astype(ids_dtype)
+    return (x, mx.array(w).astype(weights_dtype or dtype),
+            mx.array(ids.astype(np.int64)).astype(ids_dtype))
 
 
-def max_rel(a, b):
-    """max |a - b| / max |b|."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+def rel_err(a, b, kind="norm"):
+    """Relative error of ``a`` against ``b`` (MLX or NumPy arrays), in float64.
+
+    ``kind="norm"``: ``||a - b|| / ||b||``; ``kind="max"``: ``max|a - b| / max|b|``.
+    An all-zero ``b`` gives the absolute error.
+    """
+    a, b = _f64(a), _f64(b)
+    if kind == "max":
+        num, den = np.abs(a - b).max(), np.abs(b).max()
+    elif kind == "norm":
+        num, den = np.linalg.norm(a - b), np.linalg.norm(b)
+    else:
+        raise ValueError(f"kind must be 'norm' or 'max', not {kind!r}")
+    return float(num / (den if den > 0 else 1.0))
+
+
+def _f64(a):
+    if isinstance(a, mx.array):
+        a = a.astype(mx.float32)
+    return np.asarray(a, np.float64)

@@ -13,7 +13,7 @@ PF_FUNC float pf_erf(float x) {
 
 PF_FUNC float pf_sigmoid(float x) { return 1.0f / (1.0f + pf_exp(-x)); }
 
-// Gated activations, ids as in mlx_moe/kernels/prefill.py ACT_IDS.
+// Gated activations, ids as in mlx_moe/kernels/common.py ACT_IDS.
 PF_FUNC float pf_act(int act, float g, float u) {
   if (act == 0) {  // silu
     return g * pf_sigmoid(g) * u;

@@ -1,0 +1,1 @@
+"""The fused decode kernels (m <= 8 tokens): their sources and ``backend``."""
