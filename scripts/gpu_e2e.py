@@ -2,6 +2,7 @@
 
 Usage (H100 through the device tool): python scripts/gpu_e2e.py [--layers N] [--config NAME]
 Prints one line per measurement; writes JSON to $OUT/e2e.json when OUT is set.
+A record of one run: docs/runs/2026-11-25-h100/gpu_e2e_profile.log.
 """
 
 import argparse
@@ -11,23 +12,17 @@ import time
 
 import mlx.core as mx
 
+from mlx_moe.bench.common import median
 from mlx_moe.decode import generate_step as our_step
 from mlx_moe.loading import set_backend
 from mlx_moe.synthetic import get_config, mlx_lm_twin, random_model
-
-try:
-    from mlx_moe import kernels
-
-    kernels.register()
-except Exception as e:  # kernels not built yet
-    print("kernels not registered:", e)
 
 
 def decode_tps(step_fn, n=100):
     prompt = mx.array(list(range(1, 17)))
     t0 = time.perf_counter()
     it = step_fn(prompt, n)
-    first = next(it)
+    next(it)
     t1 = time.perf_counter()
     count = 1
     for _ in it:
@@ -46,7 +41,7 @@ def prefill_tps(model, T, reps=3):
         t0 = time.perf_counter()
         mx.eval(model(x, cache=cache))
         times.append(time.perf_counter() - t0)
-    return T / sorted(times[1:])[len(times[1:]) // 2], times[0]
+    return T / median(times[1:]), times[0]
 
 
 def main():

@@ -5,8 +5,9 @@ computes its ratios from the times it measured.
 """
 
 import json
-import math
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -14,7 +15,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_moe import bench, load_model
+from mlx_moe import load_model
+from mlx_moe.bench import cli, layer, load, plot
+from mlx_moe.bench.common import speedup
+from mlx_moe.testing.reference import rel_err
 from mlx_moe.synthetic import (
     CONFIGS,
     get_config,
@@ -46,20 +50,20 @@ Q4 = {"bits": 4, "group_size": 64}
 
 def test_layer_metrics_arithmetic():
     m, k, H, I = 4, 2, 64, 32
-    r = bench.layer_metrics(2e-3, m, k, H, I, bytes_read=1e6)
+    r = layer.layer_metrics(2e-3, m, k, H, I, bytes_read=1e6)
     assert r["us"] == pytest.approx(2000.0)
     assert r["gbs"] == pytest.approx(1e6 / 2e-3 / 1e9)
     assert r["tflops"] == pytest.approx(2 * m * k * 3 * H * I / 2e-3 / 1e12)
-    assert bench.speedup(1.0, 2.0) == 2.0  # mlx-lm twice as slow -> ours 2x
-    assert bench.speedup(4.0, 2.0) == 0.5
-    s = bench.SHAPES["qwen3-30b-a3b"]
+    assert speedup(1.0, 2.0) == 2.0  # mlx-lm twice as slow -> ours 2x
+    assert speedup(4.0, 2.0) == 0.5
+    s = layer.SHAPES["qwen3-30b-a3b"]
     assert s.flops(1) == 2 * 8 * 3 * 2048 * 768
     # 4-bit, group 64: 0.5 byte per weight + bf16 scale and bias per 64 weights
     assert s.expert_bytes(4, 64) == 3 * 2048 * 768 * (0.5 + 4 / 64)
 
 
 def test_routes_are_distinct_per_token():
-    routes = bench.make_routes(m=32, E=16, k=4, draws=3, seed=0, dtype=mx.float32)
+    routes = layer.make_routes(m=32, E=16, k=4, draws=3, seed=0, dtype=mx.float32)
     for r in routes:
         ids = np.array(r["ids"])
         assert ids.shape == (32, 4)
@@ -90,9 +94,9 @@ def test_layer_rows_use_the_measured_times(monkeypatch):
                          "output": fn(x0, routes[0]["weights"], routes[0]["ids"], 0)}
         return out
 
-    monkeypatch.setattr(bench, "time_impls", fake_time)
-    shape = bench.SHAPES["tiny"]
-    rows, skipped = bench.bench_layer_shape(shape, 4, layer_args(), rate=1e9, mem=1 << 34, log=lambda s: None)
+    monkeypatch.setattr(layer, "time_impls", fake_time)
+    shape = layer.SHAPES["tiny"]
+    rows, skipped = layer.bench_layer_shape(shape, 4, layer_args(), rate=1e9, mem=1 << 34, log=lambda s: None)
     assert {r["m"] for r in rows} == {1, 4}
     for r in rows:
         single, chain = fake["mlx-lm" if r["impl"] == "mlx-lm" else f"ours:{r['backend']}"]
@@ -112,24 +116,24 @@ def test_layer_rows_use_the_measured_times(monkeypatch):
 
 
 def test_layer_sweep_skips_what_does_not_fit():
-    shape = bench.SHAPES["deepseek-v3"]
-    rows, skipped = bench.bench_layer_shape(shape, 8, layer_args(), rate=1e9, mem=1 << 30, log=lambda s: None)
+    shape = layer.SHAPES["deepseek-v3"]
+    rows, skipped = layer.bench_layer_shape(shape, 8, layer_args(), rate=1e9, mem=1 << 30, log=lambda s: None)
     assert rows == [] and "memory" in skipped[0]["reason"]
-    rows, skipped = bench.bench_layer_shape(shape, 4, layer_args(max_build_s=1.0), rate=1e6, mem=1 << 50, log=lambda s: None)
+    rows, skipped = layer.bench_layer_shape(shape, 4, layer_args(max_build_s=1.0), rate=1e6, mem=1 << 50, log=lambda s: None)
     assert rows == [] and "time" in skipped[0]["reason"]
 
 
 def test_time_impls_real_run():
-    shape = bench.SHAPES["tiny"]
-    ours, ref = bench.build_layer(shape, 4, 64, mx.float32, 0)
-    routes = bench.make_routes(4, shape.E, shape.k, 2, 0, mx.float32)
+    shape = layer.SHAPES["tiny"]
+    ours, ref = layer.build_layer(shape, 4, 64, mx.float32, 0)
+    routes = layer.make_routes(4, shape.E, shape.k, 2, 0, mx.float32)
     impls = {"ours": lambda x, w, i, n: ours(x, w, i),
              "mlx-lm": lambda x, w, i, n: (ref(x, i) * w[..., None]).sum(-2)}
-    res = bench.time_impls(impls, mx.random.normal((4, shape.H)), routes, budget_s=0.01, repeats=2, chain_len=3)
+    res = layer.time_impls(impls, mx.random.normal((4, shape.H)), routes, budget_s=0.01, repeats=2, chain_len=3)
     for r in res.values():
         assert r["single_s"] > 0 and r["chain_s"] > 0 and r["first_s"] > 0
         assert r["chain_len"] == 3 and r["chain_repeats"] == 2
-    assert bench.rel_err(res["ours"]["output"], res["mlx-lm"]["output"]) < 1e-5
+    assert rel_err(res["ours"]["output"], res["mlx-lm"]["output"], kind="max") < 1e-5
 
 
 # ------------------------------------------------------------------ synthetic
@@ -205,7 +209,7 @@ def test_cli_writes_complete_json(tmp_path, capsys):
     cfg = tmp_path / "micro.json"
     cfg.write_text(json.dumps(MICRO))
     out = tmp_path / "bench.json"
-    bench.main([
+    cli.main([
         "--layer", "--e2e", "--shapes", "tiny", "--m", "1,4", "--bits", "4", "--config", str(cfg),
         "--prefill", "16,32", "--decode-tokens", "6", "--repeats", "1", "--chain", "2",
         "--row-budget-s", "0.01", "--no-compiled-decode", "--json", str(out),
@@ -240,7 +244,7 @@ def test_cli_writes_complete_json(tmp_path, capsys):
 def test_load_bench_subprocesses(tmp_path):
     args = SimpleNamespace(bits=[4], group_size=64, workdir=str(tmp_path / "w"), keep=False,
                            load_gb=0.001, load_config=MICRO, seed=0)
-    res = bench.bench_load(args, log=lambda s: None)
+    res = load.bench_load(args, log=lambda s: None)
     assert res["outputs_identical"] is True
     for impl in ("ours", "mlx-lm"):
         v = res["impls"][impl]
@@ -250,7 +254,7 @@ def test_load_bench_subprocesses(tmp_path):
     assert res["impls"]["ours"]["speedup_vs_mlx_lm"]["wall"] == pytest.approx(
         res["impls"]["mlx-lm"]["wall_s"] / res["impls"]["ours"]["wall_s"])
     assert "bench.json" not in str(tmp_path) and not (tmp_path / "w").exists()  # cleaned up
-    assert "load" in bench.format_load(res) or "ours" in bench.format_load(res)
+    assert "load" in load.format_load(res) or "ours" in load.format_load(res)
 
 
 def _rows():
@@ -265,11 +269,39 @@ def _rows():
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "sweep.png"
-    bench.plot_layer(_rows(), path, peak_gbs=100.0)
+    plot.plot_layer(_rows(), path, peak_gbs=100.0)
     assert path.stat().st_size > 1000
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="pip install matplotlib"):
-        bench.plot_layer(_rows(), tmp_path / "x.png")
+        plot.plot_layer(_rows(), tmp_path / "x.png")
+
+
+# The smallest layer run of this file: one tiny shape, m = 1, one timed repeat.
+TINY_LAYER_ARGS = ["--layer", "--shapes", "tiny", "--m", "1", "--bits", "4", "--repeats", "1", "--chain", "2",
+                   "--row-budget-s", "0.01"]
+# What the installed console script does (pip writes it from pyproject's [project.scripts]).
+CONSOLE_SCRIPT = ("import sys; from importlib.metadata import entry_points; "
+                  "(ep,) = entry_points(group='console_scripts', name='mlx_moe.bench'); sys.exit(ep.load()())")
+
+
+def test_console_script_exits_0(tmp_path):
+    script = Path(sys.executable).with_name("mlx_moe.bench")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-c", CONSOLE_SCRIPT]
+    p = subprocess.run(cmd + TINY_LAYER_ARGS + ["--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Layer" in p.stdout and (tmp_path / "b.json").exists()
+    assert "'meta'" not in p.stderr  # the report is not dumped as an exit message
+
+
+def test_plot_without_matplotlib_fails_before_the_benchmark(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as e:
+        cli.main(TINY_LAYER_ARGS + ["--plot", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no benchmark ran
+    assert err == "mlx_moe.bench: error: --plot needs matplotlib (pip install matplotlib)\n"

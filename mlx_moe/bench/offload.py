@@ -1,4 +1,4 @@
-"""``python -m mlx_moe.offload.bench``: decode tok/s vs expert budget.
+"""``python -m mlx_moe.bench offload``: decode tok/s vs expert budget.
 
 Writes (once) a random 4-bit Qwen3-MoE model in the expert-file layout whose
 routed experts are several GB, then decodes the same prompt with:
@@ -36,15 +36,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-def _synthetic_configs():
-    from ..synthetic import CONFIGS
-
-    return CONFIGS
-
+from ..synthetic import CONFIGS
+from .common import drop_page_cache, proc_status
 
 # Qwen3-30B-A3B scaled to a few GB of routed experts on a small disk.
 BENCH_CONFIG = {
-    **_synthetic_configs()["qwen3-30b-a3b"],
+    **CONFIGS["qwen3-30b-a3b"],
     "num_hidden_layers": 8,
     "num_attention_heads": 16,
     "head_dim": 64,
@@ -86,12 +83,13 @@ def make_model(folder, config=None, bits=4, group_size=64, seed=0, progress=True
     import numpy as np
     from mlx.utils import tree_flatten
 
+    from ..experts import PROJECTIONS
     from ..models import build_model
     from ..quantization import QuantSpec, apply_plan, config_entry, plan_quantization
     from ..safetensors_io import save_sharded
     from ..synthetic import fill_random
-    from .layout import INDEX, ExpertFileWriter
-    from .loader import moe_blocks
+    from ..offload.layout import INDEX, ExpertFileWriter
+    from ..offload.loader import moe_blocks
 
     folder = Path(folder)
     config = dict(config or BENCH_CONFIG)
@@ -106,7 +104,7 @@ def make_model(folder, config=None, bits=4, group_size=64, seed=0, progress=True
     shapes = {}
     for idx, block in blocks.items():
         ex = block.routed
-        shapes[idx] = (ex.num_experts, ex.hidden_dims, ex.down_proj.output_dims)
+        shapes[idx] = (ex.num_experts, ex.intermediate_size, ex.hidden_size)
         setattr(block, block.experts_attr, nn.Module())  # experts are written below
     plan = plan_quantization(model, spec)
     apply_plan(model, plan)
@@ -139,7 +137,7 @@ def make_model(folder, config=None, bits=4, group_size=64, seed=0, progress=True
             arrays[f"{proj}.biases"] = (-scales * (2 ** bits - 1) / 2).astype(np.float32)
         q = {"group_size": group_size, "bits": bits, "mode": "affine"}
         writer.write_layer(idx, f"model.layers.{idx}.{arch.experts_prefix}", arrays,
-                           {p: q for p in ("gate_proj", "up_proj", "down_proj")})
+                           {p: q for p in PROJECTIONS})
         if progress:
             print(f"  experts of layer {idx} written ({n + 1}/{len(shapes)})", file=sys.stderr, flush=True)
     writer.finish()
@@ -156,29 +154,19 @@ def make_model(folder, config=None, bits=4, group_size=64, seed=0, progress=True
 # ------------------------------------------------------------------ disk
 
 
-def drop_page_cache(folder):
-    """Evict every file of ``folder`` from the page cache."""
-    for f in Path(folder).rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                try:
-                    os.fsync(fd)  # dirty pages cannot be dropped
-                except OSError:
-                    pass
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+def drop_folder(folder):
+    """Evict every file of ``folder`` from the page cache, so expert reads hit the disk."""
+    drop_page_cache(f for f in Path(folder).rglob("*") if f.is_file())
 
 
 def disk_roofline(folder, max_bytes=2 << 30, threads=2):
     """Sequential read GB/s (O_DIRECT, 8 MiB) and expert-record read GB/s at ``threads`` deep."""
-    from .layout import ExpertIndex
+    from ..offload.layout import ExpertIndex
 
     index = ExpertIndex(folder)
     files = [index.path(e) for e in index.layers.values()]
     entry = next(iter(index.layers.values()))
-    drop_page_cache(folder)
+    drop_folder(folder)
     chunk = 8 << 20
     buf = mmap.mmap(-1, chunk)
     done, t0 = 0, time.perf_counter()
@@ -198,7 +186,7 @@ def disk_roofline(folder, max_bytes=2 << 30, threads=2):
             break
     seq = done / (time.perf_counter() - t0) / 1e9
     # expert records, random order, as the cache reads them
-    drop_page_cache(folder)
+    drop_folder(folder)
     import random
 
     rnd = random.Random(0)
@@ -306,16 +294,6 @@ def _proc_io():
     return None
 
 
-def _vm_hwm():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def child(spec):
     """One run: load, prefill ``prompt_tokens``, decode ``tokens``; JSON to stdout."""
     import mlx.core as mx
@@ -323,9 +301,9 @@ def child(spec):
     from mlx_lm.models.cache import make_prompt_cache
 
     from ..loading import load_model
-    from . import stats as offload_stats
-    from .cache import Stats
-    from .prefetch import PredictionStats
+    from ..offload import stats as offload_stats
+    from ..offload.cache import Stats
+    from ..offload.prefetch import PredictionStats
 
     t0 = time.perf_counter()
     budget = spec.get("budget")
@@ -368,7 +346,7 @@ def child(spec):
         "prefill_s": prefill_s,
         "load_s": load_s,
         "disk_read_bytes_per_token": (io["end"] - io["start"]) / n if io.get("start") is not None else None,
-        "vm_hwm": _vm_hwm(),
+        "vm_hwm": proc_status("VmHWM"),
         "stats": offload_stats(model),
     }
     if cache_obj is not None:
@@ -389,10 +367,10 @@ def replay(spec):
     GPU computes)."""
     import pickle
 
-    from .cache import ExpertCache, Stats
-    from .layout import ExpertIndex
-    from .loader import parse_budget
-    from .prefetch import PredictionStats
+    from ..offload.cache import ExpertCache, Stats
+    from ..offload.layout import ExpertIndex
+    from ..offload.loader import parse_budget
+    from ..offload.prefetch import PredictionStats
 
     with open(spec["trace"], "rb") as f:
         trace = pickle.load(f)
@@ -431,7 +409,7 @@ def replay(spec):
         "decode_tps": n / (token_times[-1] - token_times[warm]),
         "decode_tokens": n,
         "disk_read_bytes_per_token": (io["end"] - io["start"]) / n if io.get("start") is not None else None,
-        "vm_hwm": _vm_hwm(),
+        "vm_hwm": proc_status("VmHWM"),
         "pool_bytes": sum(p.nbytes for p in cache.pools),
         "stats": cache.summary(),
         "tokens": None,
@@ -441,13 +419,13 @@ def replay(spec):
 
 
 def run_child(spec, limit_bytes=None, name="run", timeout=1800):
-    drop_page_cache(spec["folder"])
+    drop_folder(spec["folder"])
     cg = MemCgroup(f"mlx-moe-bench-{os.getpid()}-{name}", limit_bytes) if limit_bytes else None
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     try:
         p = subprocess.run(
-            [sys.executable, "-m", "mlx_moe.offload.bench", "--child", json.dumps(spec)],
+            [sys.executable, "-m", "mlx_moe.bench", "offload", "--child", json.dumps(spec)],
             capture_output=True, text=True, timeout=timeout, env=env,
             preexec_fn=cg.attach if cg is not None and cg.path is not None else None,
         )
@@ -503,7 +481,7 @@ def table(results, resident_tokens):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mlx_moe.offload.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mlx_moe.bench offload", description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", default="/tmp/mlx-moe-offload-bench", help="model folder (generated if missing)")
     p.add_argument("--regenerate", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers of the generated model")
@@ -540,7 +518,7 @@ def main(argv=None):
         t = time.perf_counter()
         make_model(folder, cfg, embed_scale=args.embed_scale, attn_out_scale=args.attn_out_scale)
         print(f"  done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    from .layout import ExpertIndex
+    from ..offload.layout import ExpertIndex
 
     index = ExpertIndex(folder)
     routed = index.routed_bytes()
@@ -660,6 +638,3 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(summary, indent=1))
     return summary
 
-
-if __name__ == "__main__":
-    main()
