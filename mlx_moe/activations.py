@@ -1,7 +1,7 @@
 """Gated expert activations: ``act(gate, up) -> h``.
 
-Each entry computes the hidden state of one expert from its gate and up
-projections. ``swiglu_oai`` is gpt-oss's clamped SwiGLU.
+Each entry computes one expert's intermediate activation ``h [..., I]`` from
+its gate and up projections. ``swiglu_oai`` is gpt-oss's clamped SwiGLU.
 """
 
 from functools import partial

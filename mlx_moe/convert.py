@@ -10,6 +10,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from .loading import load_model, resolve_path
+from .offload import write_offload_folder
 from .safetensors_io import save_sharded
 
 # Everything a model folder carries besides weights and config.
@@ -27,8 +28,6 @@ def convert(hf_path, mlx_path, quantize=None, force=False, max_shard_gb=5.0, pro
     tmp.mkdir(parents=True)
     try:
         if expert_file_layout:  # routed experts in aligned per-layer files (mlx_moe.offload)
-            from .offload import write_offload_folder
-
             config = write_offload_folder(src, tmp, quantize, max_shard_gb, progress)
         else:
             model, config = load_model(src, quantize=quantize, progress=progress)

@@ -13,6 +13,8 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from .kernels.common import pow2_ceil
+
 MIN_CAPACITY = 256
 
 
@@ -74,7 +76,7 @@ class CompiledDecoder:
 
     def __init__(self, model, caches: List[KVCache]):
         self.position = caches[0].offset
-        capacity = max(MIN_CAPACITY, _pow2(self.position + 1))
+        capacity = max(MIN_CAPACITY, pow2_ceil(self.position + 1))
         self.caches = [StaticKVCache(c, capacity) for c in caches]
         state = [c.state for c in self.caches]
 
@@ -92,13 +94,6 @@ class CompiledDecoder:
                 c.grow(2 * c.capacity)
         self.position += 1
         return self._step(tokens)
-
-
-def _pow2(n):
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 @dataclass

@@ -5,6 +5,11 @@
 ``topk_weights, topk_ids [..., k]``. Parameter names (``gate_proj``, ``up_proj``,
 ``down_proj`` with ``weight``/``scales``/``biases``/``bias``) match mlx-lm's
 ``SwitchGLU`` so saved folders load in mlx-lm and mlx-swift unchanged.
+
+Sizes: ``H`` (``hidden_size``) is the model width, ``I`` (``intermediate_size``)
+one expert's width; mlx-lm's ``SwitchGLU(input_dims, hidden_dims, num_experts)``
+calls them ``input_dims`` and ``hidden_dims``. A projection layer only knows its
+own ``input_dims``/``output_dims``, as mlx-lm's ``SwitchLinear`` does.
 """
 
 import math
@@ -16,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import get_activation
+from .quantization import mode_defaults
 
 # The expert projections, named as in mlx-lm's SwitchGLU.
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -25,17 +31,35 @@ SORT_THRESHOLD = 64
 MAX_PAIRS_PER_CALL = 32768
 
 
-class ExpertLinear(nn.Module):
-    """``E`` float linear layers stacked as ``weight [E, out, in]``."""
+def _placeholder_key():
+    """A key for random inits that ``from_*`` constructors replace at once: they
+    must not advance the global generator (seeded runs stay the same)."""
+    return mx.random.key(0)
 
-    def __init__(self, input_dims, output_dims, num_experts, bias=False):
+
+class ExpertLinear(nn.Module):
+    """``E`` float linear layers stacked as ``weight [E, out, in]`` (mlx-lm's
+    ``SwitchLinear``: same arguments, same parameters). ``key``: PRNG key of the
+    random init (default: the global generator)."""
+
+    def __init__(self, input_dims, output_dims, num_experts, bias=False, *, key=None):
         super().__init__()
         scale = math.sqrt(1 / input_dims)
         self.weight = mx.random.uniform(
-            -scale, scale, (num_experts, output_dims, input_dims)
+            -scale, scale, (num_experts, output_dims, input_dims), key=key
         )
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
+
+    @classmethod
+    def from_arrays(cls, weight, bias=None):
+        """The layer holding ``weight [E, out, in]`` and ``bias [E, out]`` (no copy)."""
+        num_experts, output_dims, input_dims = weight.shape
+        layer = cls(input_dims, output_dims, num_experts, bias is not None, key=_placeholder_key())
+        layer.weight = weight
+        if bias is not None:
+            layer.bias = bias
+        return layer
 
     @property
     def num_experts(self):
@@ -61,19 +85,26 @@ class ExpertLinear(nn.Module):
         y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         return _add_bias(self, y.astype(dtype), indices)
 
-    def to_quantized(self, group_size=64, bits=4, mode="affine", **_):
-        q = QuantizedExpertLinear.__new__(QuantizedExpertLinear)
-        nn.Module.__init__(q)
-        q.group_size, q.bits, q.mode = group_size, bits, mode
-        q.set_weight(self.weight)
-        if "bias" in self:
-            q.bias = self.bias
-        q.freeze()
-        return q
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False,
+                     global_scale=False):
+        """What ``nn.quantize`` calls: ``group_size``, ``bits`` (None: the mode's
+        default), ``mode``, and ``quantize_input`` when true. mlx-lm's
+        ``SwitchLinear`` also takes ``global_scale`` (nvfp4 per-expert tensor
+        scales); no backend here runs either, so both are refused."""
+        for name, value in (("quantize_input", quantize_input), ("global_scale", global_scale)):
+            if value:
+                raise ValueError(f"{name}={value!r} is not supported for routed experts")
+        group_size, bits = mode_defaults(mode, group_size, bits)
+        w, scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        return QuantizedExpertLinear.from_arrays(
+            w, scales, biases[0] if biases else None, self.get("bias"),
+            group_size=group_size, bits=bits, mode=mode,
+        )
 
 
 class QuantizedExpertLinear(nn.Module):
-    """``E`` quantized linear layers (MLX quantization: affine, mxfp4, nvfp4, mxfp8)."""
+    """``E`` quantized linear layers (MLX quantization: affine, mxfp4, nvfp4, mxfp8);
+    mlx-lm's ``QuantizedSwitchLinear`` without ``global_scale``."""
 
     def __init__(
         self,
@@ -81,22 +112,32 @@ class QuantizedExpertLinear(nn.Module):
         output_dims,
         num_experts,
         bias=False,
-        group_size=64,
-        bits=4,
+        group_size=None,
+        bits=None,
         mode="affine",
     ):
         super().__init__()
+        group_size, bits = mode_defaults(mode, group_size, bits)
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.set_weight(mx.zeros((num_experts, output_dims, input_dims)))
+        self.weight, self.scales, *biases = mx.quantize(
+            mx.zeros((num_experts, output_dims, input_dims)), group_size, bits, mode=mode
+        )
+        self.biases = biases[0] if biases else None
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
         self.freeze()
 
-    def set_weight(self, w):
-        self.weight, self.scales, *biases = mx.quantize(
-            w, self.group_size, self.bits, mode=self.mode
-        )
-        self.biases = biases[0] if biases else None
+    @classmethod
+    def from_arrays(cls, weight, scales, biases=None, bias=None, *, group_size, bits, mode="affine"):
+        """The layer holding already quantized ``weight``/``scales``/``biases``
+        (``mx.quantize``'s outputs for ``[E, out, in]``) and ``bias [E, out]`` (no copy)."""
+        num_experts, output_dims, packed = weight.shape
+        layer = cls(packed * 32 // bits, output_dims, num_experts, bias is not None, group_size, bits, mode)
+        layer.weight, layer.scales, layer.biases = weight, scales, biases
+        if bias is not None:
+            layer.bias = bias
+        layer.freeze()
+        return layer
 
     @property
     def num_experts(self):
@@ -243,32 +284,64 @@ register_backend("loop", Backend(run_loop))
 
 
 class MoEExperts(nn.Module):
-    """``num_experts`` gated MLP experts: ``down(act(gate(x), up(x)))``."""
+    """``num_experts`` gated MLP experts: ``down(act(gate(x), up(x)))``, each
+    ``H -> I -> H`` for ``hidden_size`` H and ``intermediate_size`` I.
+
+    mlx-lm's ``SwitchGLU`` keywords ``input_dims`` (= H) and ``hidden_dims`` (= I)
+    are accepted in their place. ``key``: PRNG key of the random init.
+    """
 
     def __init__(
         self,
         num_experts: int,
-        input_dims: int,
-        hidden_dims: int,
+        hidden_size: Optional[int] = None,
+        intermediate_size: Optional[int] = None,
         activation: str = "silu",
         bias: bool = False,
         backend: str = "auto",
+        *,
+        input_dims: Optional[int] = None,
+        hidden_dims: Optional[int] = None,
+        key=None,
     ):
         super().__init__()
-        self.gate_proj = ExpertLinear(input_dims, hidden_dims, num_experts, bias)
-        self.up_proj = ExpertLinear(input_dims, hidden_dims, num_experts, bias)
-        self.down_proj = ExpertLinear(hidden_dims, input_dims, num_experts, bias)
+        H = _one_of("hidden_size", hidden_size, "input_dims", input_dims)
+        I = _one_of("intermediate_size", intermediate_size, "hidden_dims", hidden_dims)
+        keys = [None] * 3 if key is None else mx.random.split(key, 3)
+        self.gate_proj = ExpertLinear(H, I, num_experts, bias, key=keys[0])
+        self.up_proj = ExpertLinear(H, I, num_experts, bias, key=keys[1])
+        self.down_proj = ExpertLinear(I, H, num_experts, bias, key=keys[2])
         self.activation_name, self.activation = get_activation(activation)
         self.backend = backend
         self.sort_threshold = SORT_THRESHOLD
+
+    @classmethod
+    def from_projections(cls, gate_proj, up_proj, down_proj, activation="silu", backend="auto"):
+        """Experts over existing projection layers (``ExpertLinear`` or
+        ``QuantizedExpertLinear``), e.g. views of the offload pool (no copy)."""
+        experts = cls(gate_proj.num_experts, down_proj.output_dims, gate_proj.output_dims,
+                      activation, backend=backend, key=_placeholder_key())
+        experts.gate_proj, experts.up_proj, experts.down_proj = gate_proj, up_proj, down_proj
+        return experts
 
     @property
     def num_experts(self):
         return self.gate_proj.num_experts
 
     @property
-    def hidden_dims(self):
+    def hidden_size(self):
+        """H, the model width."""
+        return self.down_proj.output_dims
+
+    @property
+    def intermediate_size(self):
+        """I, one expert's width."""
         return self.gate_proj.output_dims
+
+    @property
+    def hidden_dims(self):
+        """mlx-lm's ``SwitchGLU`` name for I (``intermediate_size``)."""
+        return self.intermediate_size
 
     @property
     def quantized(self) -> Optional[dict]:
@@ -293,3 +366,12 @@ class MoEExperts(nn.Module):
     def __call__(self, x, weights, ids):
         name = self.select_backend(x, ids)
         return BACKENDS[name].run(self, x, weights, ids).astype(x.dtype)
+
+
+def _one_of(name, value, alias, alias_value):
+    """``value``, or its mlx-lm spelling ``alias_value``; exactly one must be given."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"MoEExperts: pass {name} or {alias} (mlx-lm's name for it), not both")
+    if value is None and alias_value is None:
+        raise TypeError(f"MoEExperts: missing {name}")
+    return alias_value if value is None else value

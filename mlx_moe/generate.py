@@ -6,6 +6,8 @@ import sys
 import time
 
 import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 from . import offload
 from .loading import DEFAULT_MODEL, load
@@ -41,9 +43,6 @@ def prompt_tokens(tokenizer, prompt, ignore_chat_template):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
     if args.seed is not None:
         mx.random.seed(args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -5,16 +5,22 @@ quantized ones according to the plan, then the checkpoint is read one decoder
 layer at a time: experts are stacked, quantized and evaluated, and the source
 tensors released before the next layer. Peak memory stays near the final
 quantized size plus one layer's source tensors.
+
+Other folder layouts (``mlx_moe.offload``'s expert files) build on this module
+and register a ``FolderLoader`` that ``load_model`` tries first; the package's
+``__init__`` registers them, so this module never imports them.
 """
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import load_tokenizer
 
 from .experts import PROJECTIONS, MoEExperts
 from .formats import EXTRA_CONTAINERS, ExpertContext, dequantize_fp8_rest, extract_experts
@@ -180,8 +186,8 @@ class StreamingLoader:
             containers=layout.hf_containers + EXTRA_CONTAINERS,
             proj_names=layout.proj_names,
             num_experts=experts.num_experts,
-            hidden=experts.down_proj.output_dims,
-            intermediate=experts.hidden_dims,
+            hidden=experts.hidden_size,
+            intermediate=experts.intermediate_size,
             orientation=layout.stacked_orientation,
             gate_up=layout.gate_up,
             fp8_block=self.fp8_block,
@@ -252,6 +258,24 @@ class StreamingLoader:
         return out
 
 
+@dataclass(frozen=True)
+class FolderLoader:
+    """A folder layout ``load_model`` hands over to: ``claims(folder,
+    expert_budget_gb)`` says the layout applies, ``load(folder, expert_budget_gb,
+    quantize, backend, progress, expert_options)`` returns ``(model, config)``."""
+
+    claims: Callable
+    load: Callable
+
+
+# name -> FolderLoader, tried in registration order before the plain layout.
+FOLDER_LOADERS: Dict[str, FolderLoader] = {}
+
+
+def register_folder_loader(name: str, loader: FolderLoader):
+    FOLDER_LOADERS[name] = loader
+
+
 def load_model(
     path_or_repo=None,
     quantize=None,
@@ -270,10 +294,11 @@ def load_model(
     folder converted with ``--expert-file-layout``, which also loads without it).
     """
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
-    from . import offload
-
-    if expert_budget_gb is not None or offload.is_offload_folder(folder):
-        return offload.load_offloaded(folder, expert_budget_gb, quantize, backend, progress, expert_options)
+    for loader in FOLDER_LOADERS.values():
+        if loader.claims(folder, expert_budget_gb):
+            return loader.load(folder, expert_budget_gb, quantize, backend, progress, expert_options)
+    if expert_budget_gb is not None:
+        raise ValueError("expert_budget_gb needs mlx_moe.offload's folder loader (import mlx_moe)")
     model, arch, config, ckpt = prepare(folder, quantize)
     set_backend(model, backend)
     StreamingLoader(model, arch, config, ckpt).run(progress)
@@ -301,8 +326,6 @@ def set_backend(model: nn.Module, backend: str):
 
 def load(path_or_repo=None, quantize=None, backend="auto", progress=True, expert_budget_gb=None, expert_options=None):
     """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=..., expert_budget_gb=...)``."""
-    from mlx_lm.utils import load_tokenizer
-
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
     model, config = load_model(
         folder, quantize=quantize, backend=backend, progress=progress,

@@ -20,6 +20,14 @@ MODES = {
 }
 
 
+def mode_defaults(mode, group_size=None, bits=None):
+    """``(group_size, bits)`` with the ones not given (None) at ``mode``'s defaults."""
+    if mode not in MODES:
+        raise ValueError(f"Unsupported quantization mode '{mode}'; expected one of {sorted(MODES)}")
+    _, _, bits_default, group_default = MODES[mode]
+    return group_size or group_default, bits or bits_default
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int
@@ -33,11 +41,8 @@ class QuantSpec:
             return spec
         spec = dict(spec)
         mode = spec.pop("mode", "affine") or "affine"
-        if mode not in MODES:
-            raise ValueError(f"Unsupported quantization mode '{mode}'; expected one of {sorted(MODES)}")
-        bits_ok, groups_ok, bits_default, group_default = MODES[mode]
-        bits = spec.pop("bits", None) or bits_default
-        group = spec.pop("group_size", None) or group_default
+        group, bits = mode_defaults(mode, spec.pop("group_size", None), spec.pop("bits", None))
+        bits_ok, groups_ok, _, _ = MODES[mode]
         if spec:
             raise ValueError(f"Unknown quantization keys {sorted(spec)}")
         if bits not in bits_ok:

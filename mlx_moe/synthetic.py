@@ -35,8 +35,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import _get_classes, quantize_model
 
 from .experts import MoEExperts
+from .loading import set_backend
 from .models import build_model, get_architecture
 from .quantization import QuantSpec, apply_plan, config_entry, plan_quantization
 
@@ -441,8 +443,6 @@ def random_model(
     pick which modules). Returns ``(model, config)``; ``config`` carries the
     ``quantization`` entry a saved folder would have.
     """
-    from .loading import set_backend
-
     config = get_config(config)
     spec = QuantSpec.parse(quantize)
     model, _ = build_model(config)
@@ -461,8 +461,6 @@ def random_model(
 def mlx_lm_twin(model: nn.Module, config: dict, quantize=None) -> nn.Module:
     """mlx-lm's own model for ``config``, quantized by ``mlx_lm.utils.quantize_model``
     with the same settings, holding the same arrays as ``model`` (no copy)."""
-    from mlx_lm.utils import _get_classes, quantize_model
-
     base = get_config(config)
     spec = QuantSpec.parse(quantize)
     if spec is None and "quantization" in config:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import mlx_moe.experts as experts_mod
-from checkpoints import E4M3_VALUES, FP4_VALUES
+from fixtures import E4M3_VALUES, FP4_VALUES
 from mlx_moe.experts import MoEExperts, QuantizedExpertLinear, combine
 
 E, K = 8, 2
@@ -354,8 +354,6 @@ def test_hf_activation_names(hf_name, ours):
 
 def test_sorted_gather_in_chunks_matches_one_call(monkeypatch):
     """Long prefills split the sorted pairs into several gather calls (CUDA grid limit)."""
-    import mlx_moe.experts as experts_mod
-
     mx.random.seed(3)
     ex = MoEExperts(8, 64, 64)
     x = mx.random.normal((300, 64))
@@ -368,3 +366,59 @@ def test_sorted_gather_in_chunks_matches_one_call(monkeypatch):
     ex.backend = "loop"
     assert mx.allclose(chunked, ex(x, w, ids), atol=1e-5)
     assert mx.array_equal(chunked, whole)
+
+
+# ------------------------------------------------------------ construction
+
+
+def test_mlx_lm_size_names_build_the_same_layer():
+    """``hidden_size``/``intermediate_size`` or mlx-lm's ``input_dims``/``hidden_dims``."""
+    ours = MoEExperts(E, hidden_size=H, intermediate_size=I, key=mx.random.key(1))
+    theirs = MoEExperts(E, input_dims=H, hidden_dims=I, key=mx.random.key(1))
+    positional = MoEExperts(E, H, I, key=mx.random.key(1))
+    for ex in (theirs, positional):
+        assert (ex.hidden_size, ex.intermediate_size, ex.hidden_dims) == (H, I, I)
+        for p in experts_mod.PROJECTIONS:
+            assert mx.array_equal(ex[p].weight, ours[p].weight)
+    with pytest.raises(ValueError, match="hidden_size or input_dims"):
+        MoEExperts(E, H, I, input_dims=H + 1)
+    with pytest.raises(ValueError, match="intermediate_size or hidden_dims"):
+        MoEExperts(E, hidden_size=H, intermediate_size=I, hidden_dims=I)
+
+
+def test_from_arrays_constructors_hold_the_arrays_and_keep_the_generator():
+    ex, _ = make_experts("gelu", bias=True)
+    nn.quantize(ex, group_size=64, bits=4)
+    q = ex.gate_proj
+    mx.random.seed(5)
+    want = mx.random.uniform(shape=(4,))
+    mx.random.seed(5)
+    copy = experts_mod.QuantizedExpertLinear.from_arrays(
+        q.weight, q.scales, q.biases, q.bias, group_size=64, bits=4
+    )
+    floats = experts_mod.ExpertLinear.from_arrays(mx.zeros((E, I, H)), mx.ones((E, I)))
+    view = MoEExperts.from_projections(copy, ex.up_proj, ex.down_proj, "gelu", "loop")
+    assert mx.array_equal(mx.random.uniform(shape=(4,)), want)  # no random init drawn
+    assert copy.weight is q.weight and copy.bias is q.bias
+    assert (copy.input_dims, copy.output_dims, copy.num_experts) == (H, I, E)
+    assert (floats.input_dims, floats.output_dims) == (H, I) and "bias" in floats
+    assert (view.hidden_size, view.intermediate_size, view.backend) == (H, I, "loop")
+    assert view.quantized == ex.quantized and view.sort_threshold == ex.sort_threshold
+    inputs, _ = make_inputs(7)
+    assert mx.array_equal(view(*inputs), ex(*inputs))
+
+
+@pytest.mark.parametrize("kw", [{"global_scale": True}, {"quantize_input": True}])
+def test_to_quantized_refuses_what_it_cannot_run(kw):
+    ex, _ = make_experts("silu")
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        ex.gate_proj.to_quantized(group_size=16, bits=4, mode="nvfp4", **kw)
+    with pytest.raises(TypeError, match="unknown"):
+        ex.gate_proj.to_quantized(unknown=1)
+
+
+def test_to_quantized_defaults_follow_the_mode():
+    """``nn.quantize(model, mode=...)`` passes group_size=bits=None."""
+    ex, _ = make_experts("silu")
+    nn.quantize(ex, mode="mxfp4")
+    assert ex.quantized == {"group_size": 32, "bits": 4, "mode": "mxfp4"}

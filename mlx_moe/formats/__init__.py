@@ -8,7 +8,7 @@ support a new one, add a module and list it in ``FORMATS``.
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Set, Tuple
 
-from ..experts import PROJECTIONS as PROJS
+from ..experts import PROJECTIONS
 from ..safetensors_io import CheckpointError
 from . import mlx_stacked, mxfp4, per_expert, stacked
 from .fp8 import dequantize_fp8_blocks, dequantize_fp8_rest
@@ -58,7 +58,7 @@ def extract_experts(ctx: ExpertContext) -> Dict[str, object]:
     for fmt in FORMATS:
         if fmt.detect(ctx):
             out = fmt.extract(ctx)
-            missing = [p for p in PROJS if f"{p}.weight" not in out]
+            missing = [p for p in PROJECTIONS if f"{p}.weight" not in out]
             if missing:
                 ctx.fail(f"routed experts incomplete in {fmt.__name__.rsplit('.', 1)[-1]} layout: no {missing}")
             return out

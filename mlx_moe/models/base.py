@@ -11,6 +11,8 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..experts import PROJECTIONS
+
 
 class MoEBlock(nn.Module):
     """Router + routed experts (+ optional shared experts).
@@ -52,13 +54,7 @@ class ExpertLayout:
     """
 
     hf_containers: Tuple[str, ...] = ("mlp.experts",)
-    proj_names: dict = field(
-        default_factory=lambda: {
-            "gate_proj": "gate_proj",
-            "up_proj": "up_proj",
-            "down_proj": "down_proj",
-        }
-    )
+    proj_names: dict = field(default_factory=lambda: {p: p for p in PROJECTIONS})
     stacked_orientation: str = "out_in"
     gate_up: str = "concat"
 

@@ -9,7 +9,7 @@ See docs/OFFLOAD.md.
 
 from .cache import ExpertCache
 from .layout import ExpertFileError, ExpertIndex, ExpertFileWriter, is_offload_folder
-from .loader import close, get_cache, load_offloaded, parse_budget, stats, write_offload_folder
+from .loader import FOLDER_LOADER, close, get_cache, load_offloaded, parse_budget, stats, write_offload_folder
 from .module import OffloadedExperts
 from .prefetch import PREDICTORS
 
@@ -33,7 +33,7 @@ def format_stats(s: dict) -> str:
 
 
 __all__ = [
-    "ExpertCache", "ExpertFileError", "ExpertFileWriter", "ExpertIndex", "OffloadedExperts",
+    "ExpertCache", "ExpertFileError", "ExpertFileWriter", "ExpertIndex", "FOLDER_LOADER", "OffloadedExperts",
     "PREDICTORS", "close", "format_stats", "get_cache", "is_offload_folder", "load_offloaded",
     "parse_budget", "stats", "write_offload_folder",
 ]

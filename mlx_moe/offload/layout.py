@@ -48,7 +48,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..experts import PROJECTIONS as PROJS
+from ..experts import PROJECTIONS
 from ..safetensors_io import CheckpointError
 
 FORMAT = "mlx-moe-expert-files"
@@ -202,7 +202,7 @@ class ExpertFileWriter:
 
     def write_layer(self, layer: int, prefix: str, arrays: Dict[str, mx.array], quantization: Dict[str, Optional[dict]]):
         """``arrays``: ``{"gate_proj.weight": [E, ...], ...}`` (MLX or numpy) for one layer's experts."""
-        names = [f"{p}.{a}" for p in PROJS for a in ATTRS if f"{p}.{a}" in arrays]
+        names = [f"{p}.{a}" for p in PROJECTIONS for a in ATTRS if f"{p}.{a}" in arrays]
         extra = set(arrays) - set(names)
         if extra:
             raise ValueError(f"layer {layer}: unexpected expert tensors {sorted(extra)}")

@@ -8,13 +8,21 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..experts import MoEExperts, QuantizedExpertLinear
-from ..loading import StreamingLoader, load_config, plan, prepare, resolve_path, set_backend
+from ..experts import PROJECTIONS, MoEExperts, QuantizedExpertLinear
+from ..loading import (
+    FolderLoader,
+    StreamingLoader,
+    load_config,
+    plan,
+    prepare,
+    resolve_path,
+    set_backend,
+)
 from ..models import MoEBlock, build_model
 from ..quantization import apply_plan, module_params
 from ..safetensors_io import Checkpoint, CheckpointError, save_sharded
 from .cache import ExpertCache
-from .layout import INDEX, PROJS, ExpertFileError, ExpertFileWriter, ExpertIndex, is_offload_folder
+from .layout import INDEX, ExpertFileError, ExpertFileWriter, ExpertIndex, is_offload_folder
 from .module import OffloadedExperts
 
 # Options of ExpertCache a caller may pass through ``expert_options``.
@@ -56,7 +64,7 @@ def moe_blocks(model, arch):
 
 def _quantize_experts(experts: MoEExperts, entry, layer):
     """Give the lazy experts module the index's quantization and check shapes."""
-    for proj in PROJS:
+    for proj in PROJECTIONS:
         q = entry.quantization.get(proj)
         m = experts[proj]
         if q and not isinstance(m, QuantizedExpertLinear):
@@ -85,7 +93,7 @@ class _Loader(StreamingLoader):
         if self.resident and layer in self.index.layers:
             arrays = self.index.read_layer(layer)
             base = f"model.layers.{layer}.{self.arch.experts_prefix}"
-            for proj in PROJS:
+            for proj in PROJECTIONS:
                 self.place_all({f"{base}.{k}": arrays.pop(k) for k in list(arrays) if k.startswith(proj + ".")})
         return set()
 
@@ -131,8 +139,8 @@ def load_offloaded(path_or_repo, expert_budget_gb=None, quantize=None, backend="
         for i, idx in enumerate(order):
             block = blocks[idx]
             old = block.routed
-            new = OffloadedExperts(cache, idx, old.num_experts, old.down_proj.output_dims,
-                                   old.hidden_dims, old.activation_name, backend)
+            new = OffloadedExperts(cache, idx, old.num_experts, old.hidden_size,
+                                   old.intermediate_size, old.activation_name, backend)
             setattr(block, block.experts_attr, new)
         for i, idx in enumerate(order):
             if i + 1 < len(order):
@@ -155,6 +163,15 @@ def load_offloaded(path_or_repo, expert_budget_gb=None, quantize=None, backend="
         _register(cache)
     return model, config
 
+
+def claims(folder, expert_budget_gb) -> bool:
+    """``load_model`` hands a folder here when a budget is asked for (refused
+    below if the folder is not in the expert-file layout) or it is one."""
+    return expert_budget_gb is not None or is_offload_folder(folder)
+
+
+# Registered with ``mlx_moe.loading`` by ``mlx_moe/__init__.py``.
+FOLDER_LOADER = FolderLoader(claims, load_offloaded)
 
 _LIVE = weakref.WeakSet()
 
@@ -207,7 +224,7 @@ class _WritingLoader(StreamingLoader):
         experts = block.routed
         base = f"model.layers.{layer}.{self.arch.experts_prefix}"
         arrays, quant = {}, {}
-        for proj in PROJS:
+        for proj in PROJECTIONS:
             m = experts[proj]
             quant[proj] = module_params(m) if isinstance(m, QuantizedExpertLinear) else None
             for attr in ("weight", "scales", "biases", "bias"):

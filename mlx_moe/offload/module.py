@@ -20,46 +20,32 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..activations import get_activation
 from ..experts import (
     BACKENDS,
     PROJECTIONS,
-    SORT_THRESHOLD,
     ExpertLinear,
     MoEExperts,
     QuantizedExpertLinear,
     _gather_sort,
+    _project,
     combine,
 )
 
 
 def _proj(pool, proj):
-    arrays = {a: pool.arrays.get(f"{proj}.{a}") for a in ("weight", "scales", "biases", "bias")}
+    a = {k: pool.arrays.get(f"{proj}.{k}") for k in ("weight", "scales", "biases", "bias")}
     q = pool.quantization.get(proj)
     if q:
-        m = QuantizedExpertLinear.__new__(QuantizedExpertLinear)
-        nn.Module.__init__(m)
-        m.group_size, m.bits, m.mode = q["group_size"], q["bits"], q.get("mode", "affine")
-        m.weight, m.scales, m.biases = arrays["weight"], arrays["scales"], arrays["biases"]
-    else:
-        m = ExpertLinear.__new__(ExpertLinear)
-        nn.Module.__init__(m)
-        m.weight = arrays["weight"]
-    if arrays["bias"] is not None:
-        m.bias = arrays["bias"]
-    m.freeze()
-    return m
+        return QuantizedExpertLinear.from_arrays(
+            a["weight"], a["scales"], a["biases"], a["bias"],
+            group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+        )
+    return ExpertLinear.from_arrays(a["weight"], a["bias"])
 
 
 def pool_view(pool, activation: str, backend: str) -> MoEExperts:
     """A ``MoEExperts`` whose ``[S, ...]`` arrays are the pool's (no copy)."""
-    v = MoEExperts.__new__(MoEExperts)
-    nn.Module.__init__(v)
-    for proj in PROJECTIONS:
-        setattr(v, proj, _proj(pool, proj))
-    v.activation_name, v.activation = get_activation(activation)
-    v.backend = backend
-    v.sort_threshold = SORT_THRESHOLD
+    v = MoEExperts.from_projections(*(_proj(pool, p) for p in PROJECTIONS), activation, backend)
     v.freeze()
     return v
 
@@ -71,11 +57,7 @@ def pair_outputs(experts, x, ids):
     idx, inv_order = ids, None
     if do_sort:
         x, idx, inv_order = _gather_sort(x, ids)
-    h = experts.activation(
-        experts.gate_proj(x, idx, sorted_indices=do_sort),
-        experts.up_proj(x, idx, sorted_indices=do_sort),
-    )
-    y = experts.down_proj(h, idx, sorted_indices=do_sort)
+    y = _project(experts, x, idx, do_sort)
     if do_sort:
         y = mx.unflatten(y[inv_order], 0, ids.shape)
     return y.squeeze(-2)
@@ -84,12 +66,13 @@ def pair_outputs(experts, x, ids):
 class OffloadedExperts(nn.Module):
     """Routed experts of one layer, streamed from the expert file into the pool."""
 
-    def __init__(self, cache, layer: int, num_experts: int, hidden: int, intermediate: int,
+    def __init__(self, cache, layer: int, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: str = "silu", backend: str = "auto"):
         super().__init__()
         self._cache = cache
         self.layer = layer
-        self._num_experts, self._hidden, self._intermediate = num_experts, hidden, intermediate
+        self._num_experts = num_experts
+        self._hidden_size, self._intermediate_size = hidden_size, intermediate_size
         self.activation_name = activation
         self.backend = backend
         self._view = None
@@ -101,8 +84,17 @@ class OffloadedExperts(nn.Module):
         return self._num_experts
 
     @property
+    def hidden_size(self):
+        return self._hidden_size
+
+    @property
+    def intermediate_size(self):
+        return self._intermediate_size
+
+    @property
     def hidden_dims(self):
-        return self._intermediate
+        """mlx-lm's name for ``intermediate_size``, as on ``MoEExperts``."""
+        return self._intermediate_size
 
     @property
     def quantized(self):
