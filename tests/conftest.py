@@ -5,9 +5,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import fixtures`
 
-import checkpoints  # noqa: E402
+import fixtures  # noqa: E402
+from mlx_moe import experts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +19,12 @@ def checkpoint(tmp_path_factory):
     implements too; pass False for the real gpt-oss setting (HF comparisons).
 
     Written once per session per argument set and shared: tests must not modify it
-    (error-case tests write their own with ``checkpoints.write_checkpoint``).
+    (error-case tests write their own with ``fixtures.write_checkpoint``).
     """
     cache = {}
 
     def make(arch, layout=None, dtype="float32", shards=1, seed=0, mlx_lm_rope=True):
-        layout = layout or checkpoints.reference_layout(arch)
+        layout = layout or fixtures.reference_layout(arch)
         key = (arch, layout, dtype, shards, seed, mlx_lm_rope)
         if key not in cache:
             path = tmp_path_factory.mktemp(f"{arch}-{layout}-{dtype}-{shards}-{seed}")
@@ -31,9 +32,9 @@ def checkpoint(tmp_path_factory):
             if mlx_lm_rope and arch == "gpt_oss":
                 # mlx-lm ignores YaRN's truncate: false (we follow HF); compare on
                 # the variant both implement. The HF tests cover truncate: false.
-                rope = {**checkpoints.tiny_config(arch)["rope_scaling"], "truncate": True}
+                rope = {**fixtures.tiny_config(arch)["rope_scaling"], "truncate": True}
                 overrides = {"rope_scaling": rope}
-            cache[key] = checkpoints.write_checkpoint(path, arch, layout, dtype, shards, seed, overrides=overrides)
+            cache[key] = fixtures.write_checkpoint(path, arch, layout, dtype, shards, seed, overrides=overrides)
         return cache[key]
 
     return make
@@ -43,3 +44,13 @@ def checkpoint(tmp_path_factory):
 def _seed():
     mx.random.seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _backend_registry():
+    """A test that registers or removes an expert backend does so for itself only."""
+    backends, order = dict(experts.BACKENDS), list(experts.AUTO_ORDER)
+    yield
+    experts.BACKENDS.clear()
+    experts.BACKENDS.update(backends)
+    experts.AUTO_ORDER[:] = order

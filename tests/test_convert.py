@@ -2,51 +2,29 @@
 destination is written atomically and never left half-done."""
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.models import qwen3_moe
 from mlx_lm.utils import load_model as mlx_lm_load
 
+from fixtures import write_checkpoint
 from mlx_moe import load_model
 from mlx_moe.convert import convert, main
 
-CONFIG = dict(
-    model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
-    norm_topk_prob=True, rms_norm_eps=1e-6, vocab_size=96, rope_theta=1e4,
-    tie_word_embeddings=False, max_position_embeddings=128,
-)
+# Every layer MoE, with 64-wide experts (the shapes the error test names).
+OVERRIDES = dict(num_hidden_layers=2, mlp_only_layers=[], moe_intermediate_size=64)
 TOKENS = mx.array([[3, 17, 42, 5, 88, 1, 60]])
 
 
-def write_hf_checkpoint(folder: Path, config=CONFIG):
-    """HF per-expert layout, float32, from mlx-lm's parameter tree."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))
-    rng = np.random.default_rng(0)
-    weights = {}
-    for name, v in tree_flatten(model.parameters()):
-        a = mx.array(rng.standard_normal(v.shape, dtype=np.float32) * 0.1)
-        if ".switch_mlp." in name:
-            layer, proj = name.split(".")[2], name.split(".")[-2]
-            for e in range(a.shape[0]):
-                weights[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = a[e]
-        else:
-            weights[name] = a
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    (folder / "tokenizer_config.json").write_text("{}")
-    return folder
+def write_hf(folder, mutate=None):
+    """A float32 HF per-expert qwen3_moe checkpoint, with its tokenizer."""
+    return write_checkpoint(folder, "qwen3_moe", overrides=OVERRIDES, mutate=mutate)
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    return write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "src")
+    return write_hf(tmp_path_factory.mktemp("hf") / "src")
 
 
 @pytest.mark.parametrize("quantize", [None, {"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 64}])
@@ -90,11 +68,8 @@ def test_existing_destination_needs_force(hf, tmp_path):
 
 
 def test_failed_convert_leaves_no_partial_output(hf, tmp_path):
-    bad = tmp_path / "bad"
-    write_hf_checkpoint(bad)
-    weights = mx.load(str(bad / "model.safetensors"))
-    weights["model.layers.1.mlp.experts.3.up_proj.weight"] = mx.zeros((64, 60))
-    mx.save_safetensors(str(bad / "model.safetensors"), weights)
+    short = {"model.layers.1.mlp.experts.3.up_proj.weight": np.zeros((64, 60), np.float32)}
+    bad = write_hf(tmp_path / "bad", mutate=lambda t: {**t, **short})
     dst = tmp_path / "out"
     with pytest.raises(ValueError, match=r"experts\.3\.up_proj\.weight.*\[64, 60\].*\[64, 64\]"):
         convert(bad, dst, quantize={"bits": 4, "group_size": 32}, progress=False)

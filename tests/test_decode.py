@@ -7,13 +7,10 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_moe import load_model
 from mlx_moe.decode import MIN_CAPACITY, generate_step
 
-from test_convert import write_hf_checkpoint
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = write_hf_checkpoint(tmp_path_factory.mktemp("dec") / "m")
-    return load_model(folder)[0]
+def model(checkpoint):
+    return load_model(checkpoint("qwen3_moe"))[0]
 
 
 def test_compiled_decode_matches_mlx_lm_across_capacity_growth(model):

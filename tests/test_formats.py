@@ -14,8 +14,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model
 
-import checkpoints
-from checkpoints import ARCH_LAYOUTS, ARCHS, reference_layout, write_checkpoint
+import fixtures
+from fixtures import ARCH_LAYOUTS, ARCHS, reference_layout, write_checkpoint
 from mlx_moe.experts import MoEExperts, QuantizedExpertLinear
 from mlx_moe.loading import load_model
 
@@ -83,7 +83,7 @@ def test_float_layout_matches_per_expert(arch, layout, checkpoint):
 def test_layout_quantized_on_load_matches_mlx_lm(arch, layout, checkpoint):
     """4-bit while streaming from a non-standard layout == mlx-lm quantizing the reference."""
     ours, config = load_model(checkpoint(arch, layout), quantize={"bits": 4, "group_size": 32})
-    theirs, their_config = quantize_model(reference(arch, checkpoint=checkpoint), checkpoints.tiny_config(arch), 32, 4)
+    theirs, their_config = quantize_model(reference(arch, checkpoint=checkpoint), fixtures.tiny_config(arch), 32, 4)
     assert experts_of(ours)[0].quantized == {"group_size": 32, "bits": 4, "mode": "affine"}
     assert_same_params(ours, theirs)
     np.testing.assert_array_equal(logits(ours), logits(theirs))
@@ -124,7 +124,7 @@ def test_fused_orientation_when_gate_up_is_square(layout, tmp_path):
     sizes = {"moe_intermediate_size": 32}
     ref = write_checkpoint(tmp_path / "ref", "qwen3_moe", "per_expert", overrides=sizes, tokenizer=False)
     src = write_checkpoint(tmp_path / layout, "qwen3_moe", layout, overrides=sizes, tokenizer=False)
-    assert checkpoints.read_safetensors_header(src / "model.safetensors")[
+    assert fixtures.read_safetensors_header(src / "model.safetensors")[
         "model.layers.1.mlp.experts.gate_up_proj"]["shape"] == [8, 64, 64]
     ours, _ = load_model(src)
     assert_same_params(ours, mlx_lm_load_model(ref)[0])
@@ -159,7 +159,7 @@ def test_fp8_matches_per_expert(arch, checkpoint):
     """FP8 blocks (partial 128x128 tiles, two scales per matrix) dequantize to the
     per-expert checkpoint's floats exactly, experts and attention alike."""
     path = checkpoint(arch, "fp8")
-    header = checkpoints.read_safetensors_header(path / "model.safetensors")
+    header = fixtures.read_safetensors_header(path / "model.safetensors")
     name = "model.layers.1.mlp.experts.3.gate_proj.weight"
     assert header[name]["dtype"] == "F8_E4M3" and header[name]["shape"] == [160, 64]
     assert header[name + "_scale_inv"]["shape"] == [2, 1]
@@ -182,7 +182,7 @@ def test_fp8_matches_mlx_lm_dequantization(checkpoint):
 def test_fp8_quantized_on_load_matches_mlx_lm(checkpoint):
     path = checkpoint("deepseek_v3", "fp8")
     ours, config = load_model(path, quantize={"bits": 4, "group_size": 32})
-    theirs, their_config = quantize_model(mlx_lm_load_model(path)[0], checkpoints.tiny_config("deepseek_v3"), 32, 4)
+    theirs, their_config = quantize_model(mlx_lm_load_model(path)[0], fixtures.tiny_config("deepseek_v3"), 32, 4)
     assert experts_of(ours)[0].quantized == {"group_size": 32, "bits": 4, "mode": "affine"}
     assert_same_params(ours, theirs)
     np.testing.assert_allclose(logits(ours), logits(theirs), rtol=0, atol=1e-4)
@@ -244,7 +244,7 @@ def test_mxfp4_kept_bit_exact_when_asked_for_mxfp4(checkpoint):
     # numpy dequantization of the source blocks == the float reference's experts
     ref = params(reference("gpt_oss", checkpoint=checkpoint))
     src = _mxfp4_expert_blocks(path, 1)
-    gate_up = checkpoints.mxfp4_dequantize(src["gate_up_proj_blocks"], src["gate_up_proj_scales"])
+    gate_up = fixtures.mxfp4_dequantize(src["gate_up_proj_blocks"], src["gate_up_proj_scales"])
     np.testing.assert_array_equal(gate_up[:, 0::2], np.array(ref["model.layers.1.mlp.experts.gate_proj.weight"]))
     # the whole model: mlx-lm's mxfp4 load, the rest quantized to mxfp4 by mlx-lm's rule
     theirs, _ = _mlx_lm_mxfp4(path, q)

@@ -11,12 +11,12 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model
 
-import checkpoints
+import fixtures
 from mlx_moe.experts import MoEExperts, QuantizedExpertLinear
 from mlx_moe.loading import load, load_model
 from mlx_moe.models import MoEBlock
 
-ARCHS = checkpoints.ARCHS
+ARCHS = fixtures.ARCHS
 # "Hello world" in the tiny tokenizer, after <s>; longer than gpt-oss's window (6)
 PROMPT = [1, 44, 73, 80, 80, 83, 4, 91, 83, 86, 80, 72]
 STEPS = 16
@@ -65,7 +65,7 @@ def normalized_quantization(q):
 def assert_our_blocks(model, arch, quantized=None):
     """The model really runs our MoE blocks (else comparing with mlx-lm proves nothing)."""
     moe = [i for i, layer in enumerate(model.layers) for m in layer.children().values() if isinstance(m, MoEBlock)]
-    assert moe == checkpoints.moe_layers(arch)
+    assert moe == fixtures.moe_layers(arch)
     for i in moe:
         block = [m for m in model.layers[i].children().values() if isinstance(m, MoEBlock)][0]
         assert isinstance(block.routed, MoEExperts)
@@ -133,7 +133,7 @@ def test_4bit_differs_from_float(checkpoint):
 def test_other_bits_match_mlx_lm(bits, group_size, checkpoint):
     path = checkpoint("mixtral")
     ours, config = load_model(path, quantize={"bits": bits, "group_size": group_size})
-    theirs, their_config = quantize_model(mlx_lm_load_model(Path(path))[0], checkpoints.tiny_config("mixtral"), group_size, bits)
+    theirs, their_config = quantize_model(mlx_lm_load_model(Path(path))[0], fixtures.tiny_config("mixtral"), group_size, bits)
     assert normalized_quantization(config["quantization"]) == normalized_quantization(their_config["quantization"])
     assert_same_params(ours, theirs)
     assert greedy(ours)[0] == greedy(theirs)[0]
@@ -176,8 +176,8 @@ def test_float32_matches_transformers(arch, checkpoint):
 def test_gpt_oss_layout_matches_transformers_with_truncated_yarn(tmp_path):
     """The same check as above with YaRN's ``truncate: true``: isolates the expert
     layout, sinks, sliding window and clamped SwiGLU from the YaRN variant."""
-    rope = {**checkpoints.tiny_config("gpt_oss")["rope_scaling"], "truncate": True}
-    path = checkpoints.write_checkpoint(tmp_path, "gpt_oss", "gpt_oss", overrides={"rope_scaling": rope}, tokenizer=False)
+    rope = {**fixtures.tiny_config("gpt_oss")["rope_scaling"], "truncate": True}
+    path = fixtures.write_checkpoint(tmp_path, "gpt_oss", "gpt_oss", overrides={"rope_scaling": rope}, tokenizer=False)
     ours, _ = load_model(path)
     np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
 
@@ -191,10 +191,10 @@ def test_gpt_oss_layout_matches_transformers_with_truncated_yarn(tmp_path):
 )
 def test_qwen2_moe_dense_layers_match_transformers(overrides, tmp_path):
     """Qwen2-MoE's dense layers and norm_topk_prob, which mlx-lm's qwen2_moe ignores."""
-    path = checkpoints.write_checkpoint(tmp_path, "qwen2_moe", overrides=overrides, tokenizer=False)
+    path = fixtures.write_checkpoint(tmp_path, "qwen2_moe", overrides=overrides, tokenizer=False)
     ours, _ = load_model(path)
     dense = [i for i, layer in enumerate(ours.layers) if not isinstance(layer.mlp, MoEBlock)]
-    assert dense == [i for i in range(3) if i not in checkpoints.moe_layers("qwen2_moe", {**checkpoints.tiny_config("qwen2_moe"), **overrides})]
+    assert dense == [i for i in range(3) if i not in fixtures.moe_layers("qwen2_moe", {**fixtures.tiny_config("qwen2_moe"), **overrides})]
     assert dense
     np.testing.assert_allclose(logits(ours), hf_logits(path), rtol=0, atol=1e-4)
 
