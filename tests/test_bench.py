@@ -4,7 +4,10 @@ No timing assertions: only that it runs, reports what it says it reports, and
 computes its ratios from the times it measured.
 """
 
+import importlib
 import json
+import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_moe import load_model
-from mlx_moe.bench import cli, layer, load, plot
+from mlx_moe.bench import batch, cli, cold, e2e, layer, load, plot
 from mlx_moe.bench.common import speedup
 from mlx_moe.testing.reference import rel_err
 from mlx_moe.synthetic import (
@@ -211,7 +214,7 @@ def test_cli_writes_complete_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     cli.main([
         "--layer", "--e2e", "--shapes", "tiny", "--m", "1,4", "--bits", "4", "--config", str(cfg),
-        "--prefill", "16,32", "--decode-tokens", "6", "--repeats", "1", "--chain", "2",
+        "--prefill", "16,32", "--decode-tokens", "6", "--decode-repeats", "2", "--repeats", "1", "--chain", "2",
         "--row-budget-s", "0.01", "--no-compiled-decode", "--json", str(out),
     ])
     text = capsys.readouterr().out
@@ -235,6 +238,11 @@ def test_cli_writes_complete_json(tmp_path, capsys):
         v = res["impls"][impl]
         assert v["first_forward_s"] > 0 and v["decode"]["tok_s"] > 0
         assert set(v["prefill"]) == {"16", "32"} and v["prefill"]["16"]["peak_gb"] > 0
+    for impl in ("ours", "mlx-lm"):
+        d = res["impls"][impl]["decode"]
+        assert d["tokens"] == 6 and d["repeats"] == 2 and len(d["stats"]["samples"]) == 2
+        assert d["tok_s"] == d["stats"]["median"]
+    assert [r["order"] for r in res["decode_rounds"]] == [["ours", "mlx-lm"], ["mlx-lm", "ours"]]
     sp = res["impls"]["ours"]["speedup_vs_mlx_lm"]
     assert sp["decode"] == pytest.approx(res["impls"]["ours"]["decode"]["tok_s"] / res["impls"]["mlx-lm"]["decode"]["tok_s"])
     assert sp["prefill_32"] == pytest.approx(
@@ -305,3 +313,193 @@ def test_plot_without_matplotlib_fails_before_the_benchmark(monkeypatch, tmp_pat
     out, err = capsys.readouterr()
     assert out == ""  # no benchmark ran
     assert err == "mlx_moe.bench: error: --plot needs matplotlib (pip install matplotlib)\n"
+
+
+# ------------------------------------------------------------------ decode repeats, batch, cold start
+
+
+@pytest.fixture
+def micro_path(tmp_path):
+    path = tmp_path / "micro.json"
+    path.write_text(json.dumps(MICRO))
+    return str(path)
+
+
+def e2e_args(**kw):
+    base = dict(group_size=64, dtype=mx.float32, seed=0, prefill=[8], e2e_repeats=1, decode_tokens=5,
+                decode_repeats=4, compiled_decode=True, max_build_s=100.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_decode_is_interleaved_and_its_stats_follow_the_samples(monkeypatch, micro_path):
+    """Scripted tok/s per run: the rounds must alternate which impl goes first, free
+    memory before every run, and every figure must follow from the samples."""
+    names = ["ours", "mlx-lm", "ours+decode"]
+    script = random.Random(1)
+    calls, rates = [], {k: [] for k in names}
+
+    def fake_decode_once(name, prompt, n):
+        calls.append(name)
+        r = script.uniform(50, 150)
+        rates[name].append(r)
+        return list(range(n)), r
+
+    monkeypatch.setattr(e2e, "e2e_decoders", lambda ours, twin, compiled: {k: k for k in names})
+    monkeypatch.setattr(e2e, "_decode_once", fake_decode_once)
+    monkeypatch.setattr(e2e, "release_memory", lambda: calls.append("release"))
+    R = 4
+    res = e2e.bench_e2e_config(micro_path, 4, e2e_args(decode_repeats=R), rate=1e9, mem=1 << 34, log=lambda s: None)
+
+    runs = [c for c in calls if c != "release"]
+    order = [names if i % 2 == 0 else names[::-1] for i in range(R)]
+    assert runs == names + [k for o in order for k in o]  # warm-up each, then R interleaved rounds
+    first_timed = calls.index(names[-1]) + 1  # after the last warm-up
+    timed = calls[first_timed:]
+    assert all(timed[i - 1] == "release" for i, c in enumerate(timed) if c != "release")
+    assert [r["order"] for r in res["decode_rounds"]] == order
+    t = [r["t_s"] for r in res["decode_rounds"]]
+    assert t == sorted(t) and all(r["unix_time"] > 0 for r in res["decode_rounds"])
+
+    samples = {k: rates[k][1:] for k in names}  # rates[k][0] is the warm-up
+    for k in names:
+        d = res["impls"][k]["decode"]
+        st, xs = d["stats"], samples[k]
+        assert st["samples"] == xs and d["repeats"] == R
+        med = statistics.median(xs)
+        assert d["tok_s"] == st["median"] == pytest.approx(med)
+        assert (st["min"], st["max"]) == (min(xs), max(xs))
+        assert st["spread"] == pytest.approx((max(xs) - min(xs)) / med)
+        assert [r["tok_s"][k] for r in res["decode_rounds"]] == xs
+    for k in ("ours", "ours+decode"):
+        ratio = res["impls"][k]["decode"]["ratio_vs_mlx_lm"]
+        per_round = [a / b for a, b in zip(samples[k], samples["mlx-lm"])]
+        assert ratio["median"] == pytest.approx(statistics.median(samples[k]) / statistics.median(samples["mlx-lm"]))
+        assert res["impls"][k]["speedup_vs_mlx_lm"]["decode"] == pytest.approx(ratio["median"])
+        assert (ratio["round_min"], ratio["round_max"]) == pytest.approx((min(per_round), max(per_round)))
+    text = e2e.format_e2e({"results": [res]})
+    st = res["impls"]["ours"]["decode"]["stats"]
+    assert f"{st['median']:.1f} ({st['min']:.1f}–{st['max']:.1f})" in text and f"{st['spread']:.1%}" in text
+    assert "decode rounds" in text
+
+
+@pytest.mark.parametrize("flag", ["--decode-repeats", "--decode-tokens", "--batch", "--batch-repeats"])
+def test_counts_below_one_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--e2e", "--batch", "4", flag, "0"])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"mlx_moe.bench: error: {flag} must be at least 1, got 0\n"
+
+
+def batch_args(micro_path, **kw):
+    base = dict(config=[micro_path], bits=[4], group_size=64, dtype=mx.float32, seed=0, max_build_s=100.0,
+                batch=[2, 3], batch_prompt=[5, 9], batch_tokens=4, batch_repeats=2)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_batch_runs_batch_generate_on_both_models(monkeypatch, micro_path):
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")  # the package's `generate` is a function
+
+    built, seen = {}, []
+    real_build, real_bg = batch.build_pair, mlx_lm_generate.batch_generate
+
+    def build(*a):
+        built["ours"], built["mlx-lm"], s = real_build(*a)
+        return built["ours"], built["mlx-lm"], s
+
+    def spy(model, tokenizer, prompts, **kw):
+        seen.append((next(k for k, m in built.items() if m is model), [len(p) for p in prompts], kw["max_tokens"]))
+        return real_bg(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(batch, "build_pair", build)
+    monkeypatch.setattr(mlx_lm_generate, "batch_generate", spy)
+    res = batch.bench_batch(batch_args(micro_path), log=lambda s: None)
+    (r,) = res["results"]
+    assert [s["B"] for s in r["sizes"]] == [2, 3]
+    for s in r["sizes"]:
+        B = s["B"]
+        lengths = [5, 9, 5][:B]
+        assert s["prompt_tokens"] == lengths
+        # warm-up each, then 2 interleaved repeats: ours, mlx-lm, mlx-lm, ours
+        calls = [c for c in seen if c[1] == lengths]
+        assert [c[0] for c in calls] == ["ours", "mlx-lm", "ours", "mlx-lm", "mlx-lm", "ours"]
+        assert all(c[2] == 4 for c in calls)
+        for k in ("ours", "mlx-lm"):
+            v = s["impls"][k]
+            assert v["generated_tokens"] == B * 4
+            assert v["tok_s"]["samples"] == pytest.approx([B * 4 / w for w in v["wall_s"]])
+            assert v["tok_s"]["median"] == pytest.approx(statistics.median(v["tok_s"]["samples"]))
+        assert s["tokens_agree"] is True  # same arrays, greedy
+        o, m = s["impls"]["ours"]["tok_s"]["samples"], s["impls"]["mlx-lm"]["tok_s"]["samples"]
+        assert s["impls"]["ours"]["ratio_vs_mlx_lm"]["median"] == pytest.approx(statistics.median(o) / statistics.median(m))
+    assert "ours" in batch.format_batch(res) and "5-9" in batch.format_batch(res)
+
+
+def test_batch_reports_a_failure_verbatim(monkeypatch, micro_path):
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")  # the package's `generate` is a function
+
+    built = {}
+    real_build, real_bg = batch.build_pair, mlx_lm_generate.batch_generate
+
+    def build(*a):
+        built["ours"], twin, s = real_build(*a)
+        return built["ours"], twin, s
+
+    def fails_on_ours(model, *a, **kw):
+        if model is built["ours"]:
+            raise TypeError("no batching for you")
+        return real_bg(model, *a, **kw)
+
+    monkeypatch.setattr(batch, "build_pair", build)
+    monkeypatch.setattr(mlx_lm_generate, "batch_generate", fails_on_ours)
+    res = batch.bench_batch(batch_args(micro_path, batch=[2], batch_repeats=1), log=lambda s: None)
+    (s,) = res["results"][0]["sizes"]
+    assert s["impls"]["ours"]["error"].startswith("TypeError: no batching for you (at ")
+    assert s["impls"]["mlx-lm"]["generated_tokens"] == 2 * 4
+    assert "ERROR TypeError: no batching for you" in batch.format_batch(res)
+
+
+def test_batch_counts_the_tokens_it_gets_back(monkeypatch):
+    """Generated tokens are counted in the returned ids, not assumed B x max_tokens."""
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")
+    stats = SimpleNamespace(generation_tps=1.0)
+    monkeypatch.setattr(mlx_lm_generate, "batch_generate",
+                        lambda *a, **kw: SimpleNamespace(token_ids=[[1, 2, 3], [4]], stats=stats))
+    r = batch._batch_once(None, [[0], [0]], new_tokens=3)
+    assert r["generated"] == 4 and r["tok_s"] == pytest.approx(4 / r["wall_s"])
+
+
+def cold_args(micro_path, **kw):
+    base = dict(config=[micro_path], bits=[4], group_size=64, dtype=mx.float32, seed=0, max_build_s=100.0,
+                cold_timeout=240.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_cold_children_report_both_impls(micro_path):
+    res = cold.bench_cold(cold_args(micro_path), log=lambda s: None)
+    (r,) = res["results"]
+    assert set(r["cases"]) == {"warm", "empty"} and set(r["warmup"]) == {"ours", "mlx-lm"}
+    dirs = []
+    for case, v in r["cases"].items():
+        for impl in ("ours", "mlx-lm"):
+            c = v[impl]
+            assert c["prefill_s"] > 0 and c["decode_s"] > 0 and c["build_s"] > 0, (case, impl, c)
+            dirs.append(c["mlx_cache_dir"])
+        d = v["ours_minus_mlx_lm"]
+        assert d["prefill_s"] == pytest.approx(v["ours"]["prefill_s"] - v["mlx-lm"]["prefill_s"])
+        assert d["decode_s"] == pytest.approx(v["ours"]["decode_s"] - v["mlx-lm"]["decode_s"])
+    empty = dirs[2:]  # each "empty" child got its own new cache folder
+    assert all(empty) and len(set(empty)) == 2 and not set(empty) & set(dirs[:2])
+    assert "ours − mlx-lm" in cold.format_cold(res)
+
+
+def test_cold_child_failures_name_the_cause(micro_path):
+    args = cold_args(micro_path)
+    with pytest.raises(RuntimeError, match=r"timed out after 0.2 s; stderr tail"):
+        cold.run_child("ours", micro_path, 4, args, 0.2, None, "ours (test)")
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1; stderr tail:.*Unknown config 'no-such-model'"):
+        cold.run_child("ours", "no-such-model", 4, args, 120, None, "ours (test)")

@@ -1,6 +1,6 @@
 """``mlx_moe.bench``: mlx-moe against mlx-lm, in the same process, on the same weights.
 
-Three sections (default: all three):
+Three sections (default: all three), and two more on request:
 
 ``--layer``  the routed-expert layer: our ``MoEExperts`` (every backend available
              here) vs mlx-lm's ``SwitchGLU`` + the weighted top-k sum of its MoE
@@ -9,10 +9,24 @@ Three sections (default: all three):
 ``--e2e``    whole models with random weights built from real configs: ours vs
              mlx-lm's own model class holding the same arrays: first forward,
              prefill tok/s, greedy decode tok/s with a KV cache, peak memory.
+             Decode runs both through mlx_lm.generate.generate_step: one
+             warm-up each, then --decode-repeats interleaved rounds (ours,
+             mlx-lm; next round mlx-lm, ours; ...) of --decode-tokens tokens;
+             shown as median (min–max) and spread = (max - min) / median, the
+             ratio as ratio of medians (min–max of the per-round ratios), and
+             every round's tok/s with its start time (drift).
 ``--load``   converting a random bf16 Hugging Face checkpoint on disk to a
              quantized folder: ``mlx_moe.convert.convert`` vs
              ``mlx_lm.convert.convert``, each in a fresh subprocess (clean RSS)
              with the source dropped from the page cache first.
+``--batch B,...``  batched greedy decode through mlx_lm.generate.batch_generate
+             on both models: B prompts (--batch-prompt tokens, lengths cycled
+             when several) x --batch-tokens new tokens; aggregate generated
+             tok/s (B x new tokens / wall time of the call), median (min–max)
+             of --batch-repeats interleaved repeats. Off by default.
+``--cold``   first prefill of a 128-token prompt and the first decode step, in
+             a fresh child process per impl, with MLX's on-disk kernel cache
+             warm and with empty MLX_PTX_CACHE_DIR and CUDA_CACHE_PATH. Off by default.
 
 ``offload``  (as the first argument) decode tok/s at expert budgets vs the resident
              model and plain mmap paging (``mlx_moe/bench/offload.py``; its own --help).
@@ -33,7 +47,9 @@ import mlx.core as mx
 from ..quantization import QuantSpec
 from . import plot
 from .common import UsageError, on_gpu, parse_list
-from .e2e import DEFAULT_PREFILL, bench_e2e, format_e2e
+from . import batch as batch_bench
+from . import cold as cold_bench
+from .e2e import DEFAULT_DECODE_REPEATS, DEFAULT_DECODE_TOKENS, DEFAULT_PREFILL, bench_e2e, format_e2e
 from .layer import DEFAULT_BITS, DEFAULT_M, DEFAULT_SHAPES, SHAPES, bench_layers, format_layer_rows, parse_shape
 from .load import CHILD_COMMAND, bench_load, format_load, load_child
 from .sysinfo import loadavg, machine_info
@@ -45,7 +61,6 @@ QUICK = {
     "bits": [4],
     "config": ["tiny"],
     "prefill": [128, 512],
-    "decode_tokens": 100,
     "load_gb": 0.2,
     "row_budget_s": 0.6,
     "repeats": 2,
@@ -66,13 +81,21 @@ def build_parser():
     p.add_argument("--backends", help="our backends to time (default: every available one; loop only on small layers)")
     p.add_argument("--config", help="e2e configs, comma separated: names in mlx_moe.synthetic.CONFIGS or config.json paths (default: qwen3-30b-a3b on GPU, tiny on CPU)")
     p.add_argument("--prefill", help=f"prefill lengths (default: {','.join(map(str, DEFAULT_PREFILL))})")
-    p.add_argument("--decode-tokens", type=int, help="greedy decode tokens (default: 100)")
+    p.add_argument("--decode-tokens", type=int, help=f"greedy decode tokens per run (default: {DEFAULT_DECODE_TOKENS})")
+    p.add_argument("--decode-repeats", type=int,
+                   help=f"timed interleaved decode rounds per config (default: {DEFAULT_DECODE_REPEATS}; the figure is their median)")
     p.add_argument("--no-compiled-decode", dest="compiled_decode", action="store_false",
                    help="skip the extra 'ours+decode' row (mlx_moe.decode's compiled step)")
+    p.add_argument("--batch", help="batch sizes for the batched decode section, comma separated (e.g. 4,8; default: off)")
+    p.add_argument("--batch-prompt", help=f"prompt tokens per sequence; several are cycled over the batch (default: {','.join(map(str, batch_bench.DEFAULT_PROMPT))})")
+    p.add_argument("--batch-tokens", type=int, help=f"new tokens per sequence (default: {batch_bench.DEFAULT_NEW_TOKENS})")
+    p.add_argument("--batch-repeats", type=int, help=f"timed interleaved repeats per batch size (default: {batch_bench.DEFAULT_REPEATS})")
+    p.add_argument("--cold", action="store_true", help="run the cold-start section (fresh child processes)")
+    p.add_argument("--cold-timeout", type=float, help="seconds each cold child may take (default: 120 + 4x the estimated model build time)")
     p.add_argument("--load-gb", type=float, help="size of the bf16 checkpoint for --load (default: 2; --quick: 0.2)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="activations and float weights (default: bfloat16 on GPU, float32 on CPU where MLX's bf16 matmuls are far slower)")
-    p.add_argument("--repeats", type=int, help="timed repeats (default: auto for the layer sweep, 3 for e2e)")
+    p.add_argument("--repeats", type=int, help="timed repeats (default: auto for the layer sweep, 3 for e2e prefill; decode: --decode-repeats)")
     p.add_argument("--chain", type=int, help="calls per chained timing (default: auto, 4..32)")
     p.add_argument("--row-budget-s", type=float, help="rough seconds of timing per layer row (default: 2)")
     p.add_argument("--route-draws", type=int, default=8, help="routings cycled per layer row")
@@ -97,14 +120,24 @@ def resolve_args(args):
     args.backends = parse_list(args.backends)
     args.config = parse_list(args.config) or q.get("config") or (["qwen3-30b-a3b"] if gpu else ["tiny"])
     args.prefill = parse_list(args.prefill, int) or q.get("prefill") or DEFAULT_PREFILL
-    args.decode_tokens = args.decode_tokens or q.get("decode_tokens") or 100
+    args.decode_tokens = DEFAULT_DECODE_TOKENS if args.decode_tokens is None else args.decode_tokens
+    args.decode_repeats = DEFAULT_DECODE_REPEATS if args.decode_repeats is None else args.decode_repeats
+    args.batch = parse_list(args.batch, int) or []
+    args.batch_prompt = parse_list(args.batch_prompt, int) or batch_bench.DEFAULT_PROMPT
+    args.batch_tokens = batch_bench.DEFAULT_NEW_TOKENS if args.batch_tokens is None else args.batch_tokens
+    args.batch_repeats = batch_bench.DEFAULT_REPEATS if args.batch_repeats is None else args.batch_repeats
+    for flag, values in (("--decode-tokens", [args.decode_tokens]), ("--decode-repeats", [args.decode_repeats]),
+                         ("--batch", args.batch), ("--batch-prompt", args.batch_prompt),
+                         ("--batch-tokens", [args.batch_tokens]), ("--batch-repeats", [args.batch_repeats])):
+        if min(values, default=1) < 1:
+            raise UsageError(f"{flag} must be at least 1, got {min(values)}")
     args.load_gb = args.load_gb or q.get("load_gb") or 2.0
     args.dtype = getattr(mx, args.dtype or ("bfloat16" if gpu else "float32"))
     args.row_budget_s = args.row_budget_s or q.get("row_budget_s") or 2.0
     args.e2e_repeats = args.repeats or q.get("repeats") or 3  # args.repeats stays None: automatic in the layer sweep
     args.max_call_s = args.max_call_s or (30.0 if gpu else 0.5)
     args.max_build_s = args.max_build_s or (1800.0 if gpu else 90.0)
-    if not (args.layer or args.e2e or args.load):
+    if not (args.layer or args.e2e or args.load or args.batch or args.cold):
         args.layer = args.e2e = args.load = True
     for b in args.bits:
         if b:
@@ -114,8 +147,9 @@ def resolve_args(args):
                 raise UsageError(str(e)) from None
     for s in args.shapes:
         parse_shape(s)
-    if args.decode_tokens < 100:
-        print(f"note: decode over {args.decode_tokens} tokens (< 100)", file=sys.stderr)
+    if args.e2e and (args.decode_tokens < DEFAULT_DECODE_TOKENS or args.decode_repeats < DEFAULT_DECODE_REPEATS):
+        print(f"note: decode over {args.decode_repeats} x {args.decode_tokens} tokens (< {DEFAULT_DECODE_REPEATS} x "
+              f"{DEFAULT_DECODE_TOKENS}): too few to tell a small speed-up from drift", file=sys.stderr)
     return args
 
 
@@ -139,6 +173,10 @@ def run(argv) -> dict:
         report["layer"] = bench_layers(args, log)
     if args.e2e:
         report["e2e"] = bench_e2e(args, log)
+    if args.batch:
+        report["batch"] = batch_bench.bench_batch(args, log)
+    if args.cold:
+        report["cold"] = cold_bench.bench_cold(args, log)
     if args.load:
         try:
             report["load"] = bench_load(args, log)
@@ -156,8 +194,17 @@ def run(argv) -> dict:
             print(f"  skipped: {s}")
         print()
     if "e2e" in report:
-        print("== End to end (random weights): tok/s, ×mlx-lm = ours / mlx-lm ==")
+        print(f"== End to end (random weights): tok/s, ×mlx-lm = ours / mlx-lm; decode: median (min–max) of "
+              f"{args.decode_repeats} interleaved runs of {args.decode_tokens} tokens ==")
         print(format_e2e(report["e2e"]))
+        print()
+    if "batch" in report:
+        print("== Batched decode (mlx_lm.generate.batch_generate): generated tok/s of the batch, ×mlx-lm = ours / mlx-lm ==")
+        print(batch_bench.format_batch(report["batch"]))
+        print()
+    if "cold" in report:
+        print(f"== Cold start (fresh process each): first {cold_bench.PROMPT_TOKENS}-token prefill and first decode step, s ==")
+        print(cold_bench.format_cold(report["cold"]))
         print()
     if "load" in report:
         print("== Convert (bf16 HF checkpoint on disk -> quantized folder), fresh subprocess each ==")
@@ -180,6 +227,8 @@ def main(argv=None) -> None:
     try:
         if argv[:1] == [CHILD_COMMAND]:
             load_child(*argv[1:])
+        elif argv[:1] == [cold_bench.CHILD_COMMAND]:
+            cold_bench.cold_child(*argv[1:])
         elif argv[:1] == ["offload"]:  # expert-budget benchmark: mlx_moe.bench offload [--budgets ...]
             from .offload import main as offload_main
 

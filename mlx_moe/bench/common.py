@@ -1,12 +1,16 @@
-"""What every benchmark of ``mlx_moe.bench`` shares: units, statistics, the
-usage error, and the Linux process and page-cache probes."""
+"""What every benchmark of ``mlx_moe.bench`` shares: units, statistics and
+the interleaving of repeats, the usage error, and the Linux process and
+page-cache probes."""
 
 import functools
+import gc
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+
+import mlx.core as mx
 
 from ..kernels.common import gpu_backend
 
@@ -25,6 +29,44 @@ def on_gpu() -> bool:
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def sample_stats(xs: Sequence[float]) -> dict:
+    """Median, min, max, every sample and the spread (max - min) / median of
+    repeated measurements: a ratio between two figures means little when
+    their spreads are wider than its distance from 1."""
+    xs = [float(x) for x in xs]
+    med = median(xs)
+    return {"median": med, "min": min(xs), "max": max(xs),
+            "spread": (max(xs) - min(xs)) / med if med else float("nan"), "samples": xs}
+
+
+def fmt_range(st: dict, fmt: str = ".1f") -> str:
+    """``median (min–max)`` of :func:`sample_stats`, for the text tables."""
+    return f"{st['median']:{fmt}} ({st['min']:{fmt}}–{st['max']:{fmt}})"
+
+
+def ratio_stats(num: Sequence[float], den: Sequence[float]) -> dict:
+    """``num`` / ``den`` of paired samples (one pair per interleaved round): the
+    ratio of the medians, and the min and max of the per-round ratios."""
+    per_round = [a / b for a, b in zip(num, den)]
+    return {"median": median(num) / median(den), "round_min": min(per_round), "round_max": max(per_round),
+            "rounds": per_round}
+
+
+def interleaved_order(impls: Sequence[str], round_index: int) -> list:
+    """The order of ``impls`` in repeat ``round_index``: reversed every other
+    round, so no implementation always runs first (after a pause, on a fresher
+    or a hotter machine) and neighbours stay neighbours (the per-round ratio
+    compares runs seconds apart)."""
+    return list(impls) if round_index % 2 == 0 else list(reversed(impls))
+
+
+def release_memory() -> None:
+    """Between timed runs: free Python garbage and MLX's buffer cache, so the
+    allocator state one run leaves does not speed up or slow down the next."""
+    gc.collect()
+    mx.clear_cache()
 
 
 def speedup(ours_seconds: float, ref_seconds: float) -> float:
