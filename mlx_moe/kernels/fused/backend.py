@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
+from .. import cuda_cache
 from ..common import ACT_IDS, gpu_backend, pow2_ceil
 from . import sources
 
@@ -64,8 +65,8 @@ def kernel_object(name: str, backend: str):
         )
         if backend == "metal":
             k = mx.fast.metal_kernel(**common)
-        elif backend == "cuda":
-            k = mx.fast.cuda_kernel(**common)
+        elif backend == "cuda":  # on-disk cubin cache in front (cuda_cache.py)
+            k = cuda_cache.wrap(mx.fast.cuda_kernel(**common), **common)
         else:
             raise Unsupported(f"no fused kernels for backend '{backend}'")
         _KERNEL_OBJECTS[key] = k

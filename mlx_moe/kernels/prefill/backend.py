@@ -37,6 +37,7 @@ import os
 import mlx.core as mx
 
 from ...experts import combine as combine_ops
+from .. import cuda_cache
 from ..common import ACT_IDS, gpu_backend
 from . import sources
 from .sources import BK, BM, BN, COMBINE_THREADS, KERNEL_SPECS, PLAN_THREADS, THREADS
@@ -131,7 +132,7 @@ def _mlx_kernel(platform, kernel, bk=32):
         header, source = sources.emit(platform, kernel, bk)
         _, inputs, outputs, _ = KERNEL_SPECS[kernel]
         make = mx.fast.cuda_kernel if platform == "cuda" else mx.fast.metal_kernel
-        _KERNELS[platform, kernel, bk] = make(
+        spec = dict(
             name=f"mlx_moe_prefill_{kernel}_bk{bk}",
             input_names=inputs,
             output_names=outputs,
@@ -139,6 +140,9 @@ def _mlx_kernel(platform, kernel, bk=32):
             header=header,
             ensure_row_contiguous=True,
         )
+        k = make(**spec)
+        # on-disk cubin cache in front (cuda_cache.py)
+        _KERNELS[platform, kernel, bk] = cuda_cache.wrap(k, **spec) if platform == "cuda" else k
     return _KERNELS[platform, kernel, bk]
 
 
