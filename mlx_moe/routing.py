@@ -2,12 +2,38 @@
 
 Each router keeps the arithmetic order of the reference implementation of its
 family, so float32 runs agree with mlx-lm / Hugging Face to rounding.
+
+:func:`route` is the one place a MoE block routes through: it runs the router
+kernel (``mlx_moe/kernels/router``, registered by ``mlx_moe.kernels.register``)
+where that can run (GPU default device, decode), else these MLX ops.
 """
 
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+
+# The router kernel backend (``available``/``route``), set by register_kernel.
+_KERNEL = None
+
+
+def register_kernel(backend):
+    global _KERNEL
+    _KERNEL = backend
+
+
+def route(x, gate, router=None):
+    """``(weights, ids)`` of tokens ``x``.
+
+    ``gate`` holds the router weight: an ``nn.Linear``/``QuantizedLinear`` whose
+    logits ``router`` (SoftmaxTopK, TopKSoftmax) turns into weights and ids, or
+    a ``GroupLimitedGate`` that does both (``router`` None).
+    """
+    k = _KERNEL
+    if k is not None and k.available(gate, router, x):
+        return k.route(gate, router, x)
+    return gate(x) if router is None else router(gate(x))
 
 
 def _topk_ids(scores, k):

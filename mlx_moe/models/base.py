@@ -12,23 +12,30 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..experts import PROJECTIONS
+from ..routing import route
 
 
 class MoEBlock(nn.Module):
     """Router + routed experts (+ optional shared experts).
 
-    Subclasses set the attributes under mlx-lm's names and implement ``route``;
-    ``experts_attr`` names the ``MoEExperts`` child.
+    Subclasses set the attributes under mlx-lm's names: ``experts_attr`` names
+    the ``MoEExperts`` child, ``gate_attr`` the module holding the router
+    weight and ``router_attr`` the router turning its logits into weights and
+    ids (None when the gate does both, DeepSeek's ``GroupLimitedGate``).
     """
 
     experts_attr = "switch_mlp"
+    gate_attr = "gate"
+    router_attr = "router"
 
     @property
     def routed(self):
         return getattr(self, self.experts_attr)
 
     def route(self, x) -> Tuple[mx.array, mx.array]:
-        raise NotImplementedError
+        # routing.route: the router kernel where it runs (GPU decode), else MLX ops
+        router = None if self.router_attr is None else getattr(self, self.router_attr)
+        return route(x, getattr(self, self.gate_attr), router)
 
     def shared(self, x) -> Optional[mx.array]:
         return None

@@ -6,6 +6,8 @@ from .base import Architecture, MoEBlock
 
 
 class DeepseekV3Block(MoEBlock):
+    router_attr = None  # the GroupLimitedGate scores and selects
+
     def __init__(self, args, config):
         super().__init__()
         E, I = args.n_routed_experts, args.moe_intermediate_size
@@ -23,9 +25,6 @@ class DeepseekV3Block(MoEBlock):
             self.shared_experts = base.DeepseekV3MLP(
                 args, intermediate_size=I * args.n_shared_experts
             )
-
-    def route(self, x):
-        return self.gate(x)
 
     def shared(self, x):
         return self.shared_experts(x) if "shared_experts" in self else None

@@ -12,6 +12,7 @@ from .base import Architecture, ExpertLayout, MoEBlock
 
 class GptOssBlock(MoEBlock):
     experts_attr = "experts"
+    gate_attr, router_attr = "router", "topk"
 
     def __init__(self, args, config):
         super().__init__()
@@ -21,9 +22,6 @@ class GptOssBlock(MoEBlock):
         )
         self.router = nn.Linear(H, E, bias=True)
         self.topk = TopKSoftmax(args.num_experts_per_tok)
-
-    def route(self, x):
-        return self.topk(self.router(x))
 
 
 def untruncated_yarn(model, args, config):

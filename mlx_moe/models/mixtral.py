@@ -15,9 +15,6 @@ class MixtralBlock(MoEBlock):
         )
         self.router = TopKSoftmax(args.num_experts_per_tok)
 
-    def route(self, x):
-        return self.router(self.gate(x))
-
 
 ARCH = Architecture(
     "mixtral",

@@ -15,8 +15,5 @@ class OlmoeBlock(MoEBlock):
         )
         self.router = SoftmaxTopK(args.num_experts_per_tok, args.norm_topk_prob)
 
-    def route(self, x):
-        return self.router(self.gate(x))
-
 
 ARCH = Architecture("olmoe", base, OlmoeBlock, base.OlmoeSparseMoeBlock)

@@ -19,9 +19,6 @@ class Qwen2MoeBlock(MoEBlock):
             args.num_experts_per_tok, config.get("norm_topk_prob", False)
         )
 
-    def route(self, x):
-        return self.router(self.gate(x))
-
     def shared(self, x):
         return mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 

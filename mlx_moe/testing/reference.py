@@ -237,3 +237,68 @@ def _f64(a):
     if isinstance(a, mx.array):
         a = a.astype(mx.float32)
     return np.asarray(a, np.float64)
+
+
+# ------------------------------------------------------------------- router
+
+
+def reference_router(gate, router, x, return_margin=False):
+    """float64 ``(weights [m, k], ids [m, k])`` of the router kernel's semantics
+    (``mlx_moe/kernels/router/moe_router.inc``): float64 logits from the
+    float32-dequantized router weight (+ bias), selection by descending score
+    with the lower id first on ties (stable sort), ids in selection order.
+    ``gate``/``router`` as :func:`mlx_moe.routing.route` takes them.
+    ``return_margin``: also each row's smallest gap between a chosen and an
+    unchosen score (expert or group), below which rounding may swap ids.
+    """
+    from ..routing import SoftmaxTopK, TopKSoftmax
+
+    H = x.shape[-1]
+    xs = to_numpy(x).reshape(-1, H).astype(np.float64)
+    if "scales" in gate:
+        w = dequantize(gate)  # [E, H] from the [E, H*bits/32] codes
+    else:
+        w = to_numpy(gate["weight"])
+    z = xs @ w.astype(np.float64).T
+    if "bias" in gate:
+        z = z + to_numpy(gate["bias"]).astype(np.float64)
+
+    margin = np.full(z.shape[0], np.inf)
+
+    def top(scores, k):
+        order = np.argsort(-scores, axis=-1, kind="stable")
+        if k < scores.shape[-1]:
+            srt = np.take_along_axis(scores, order, -1)
+            margin[:] = np.minimum(margin, srt[:, k - 1] - srt[:, k])
+        return order[:, :k]
+
+    def out(wt, ids):
+        return (wt, ids, margin) if return_margin else (wt, ids)
+
+    if isinstance(router, SoftmaxTopK):
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ids = top(z, router.k)
+        wt = np.take_along_axis(p, ids, -1)
+        if router.normalize:
+            wt = wt / wt.sum(-1, keepdims=True)
+        return out(wt, ids)
+    if isinstance(router, TopKSoftmax):
+        ids = top(z, router.k)
+        e = np.exp(np.take_along_axis(z, ids, -1) - z.max(-1, keepdims=True))
+        return out(e / e.sum(-1, keepdims=True), ids)
+    g = gate  # GroupLimitedGate
+    s = 1.0 / (1.0 + np.exp(-z))
+    c = s + to_numpy(g["e_score_correction_bias"]).astype(np.float64)
+    if g.n_group > 1 and g.topk_group < g.n_group:
+        grouped = c.reshape(c.shape[0], g.n_group, -1)
+        gscore = np.sort(grouped, -1)[..., -2:].sum(-1)
+        kept = top(gscore, g.topk_group)
+        mask = np.zeros(gscore.shape, bool)
+        np.put_along_axis(mask, kept, True, -1)
+        c = np.where(mask[..., None], grouped, 0.0).reshape(c.shape)
+    ids = top(c, g.k)
+    wt = np.take_along_axis(s, ids, -1)
+    if g.normalize and g.k > 1:
+        wt = wt / wt.sum(-1, keepdims=True)
+    return out(wt * g.routed_scaling_factor, ids)
