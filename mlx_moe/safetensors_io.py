@@ -13,6 +13,8 @@ from typing import Dict, Iterable, Tuple
 
 import mlx.core as mx
 
+from .safe_write import writing
+
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -144,7 +146,8 @@ def save_sharded(
         if not current:
             return
         name = f"shard-{len(tmp_names):05d}.tmp.safetensors"
-        mx.save_safetensors(str(folder / name), current, metadata=metadata)
+        with writing(folder / name):  # a full disk names the file, no partial shard left
+            mx.save_safetensors(str(folder / name), current, metadata=metadata)
         shards.append(list(current))
         tmp_names.append(name)
         current, size = {}, 0
@@ -163,4 +166,5 @@ def save_sharded(
         total_size += (folder / final).stat().st_size
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    with writing(folder / "model.safetensors.index.json") as f:
+        f.write_text(json.dumps(index, indent=2))

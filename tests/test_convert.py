@@ -10,6 +10,7 @@ from mlx_lm.utils import load_model as mlx_lm_load
 
 from fixtures import write_checkpoint
 from mlx_moe import load_model
+from mlx_moe.cli import UsageError
 from mlx_moe.convert import convert, main
 
 # Every layer MoE, with 64-wide experts (the shapes the error test names).
@@ -59,7 +60,7 @@ def test_existing_destination_needs_force(hf, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(UsageError, match="already exists; pass --force"):
         main(["--hf-path", str(hf), "--mlx-path", str(dst)])
     assert (dst / "keep.txt").read_text() == "mine"
     main(["--hf-path", str(hf), "--mlx-path", str(dst), "--force", "-q", "--q-group-size", "32"])

@@ -88,66 +88,64 @@ def make_model(folder, config=None, bits=4, group_size=64, seed=0, progress=True
     from ..quantization import QuantSpec, apply_plan, config_entry, plan_quantization
     from ..safetensors_io import save_sharded
     from ..synthetic import fill_random
-    from ..offload.layout import INDEX, ExpertFileWriter
+    from ..cli import UsageError
+    from ..offload.layout import INDEX, ExpertFileWriter, is_offload_folder
+    from ..safe_write import staged_folder
     from ..offload.loader import moe_blocks
 
     folder = Path(folder)
     config = dict(config or BENCH_CONFIG)
     spec = QuantSpec.parse({"bits": bits, "group_size": group_size})
-    tmp = folder.parent / f".{folder.name}.tmp"
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model, arch = build_model(config)
-    blocks = moe_blocks(model, arch)
-    shapes = {}
-    for idx, block in blocks.items():
-        ex = block.routed
-        shapes[idx] = (ex.num_experts, ex.intermediate_size, ex.hidden_size)
-        setattr(block, block.experts_attr, nn.Module())  # experts are written below
-    plan = plan_quantization(model, spec)
-    apply_plan(model, plan)
-    fill_random(model, seed=seed, dtype=mx.float32)
-    emb = model.model.embed_tokens
-    if "scales" in emb:
-        emb.scales = emb.scales * embed_scale
-        emb.biases = emb.biases * embed_scale
-    else:
-        emb.weight = emb.weight * embed_scale
-    for layer in model.layers:
-        o = layer.self_attn.o_proj
-        if "scales" in o:
-            o.scales, o.biases = o.scales * attn_out_scale, o.biases * attn_out_scale
+    if os.path.lexists(folder) and not is_offload_folder(folder):
+        # Regenerating replaces only a bench model, never a folder the user pointed us at.
+        raise UsageError(f"{folder} exists and is not an expert-file model folder; choose another --folder")
+    with staged_folder(folder, force=True) as tmp:
+        model, arch = build_model(config)
+        blocks = moe_blocks(model, arch)
+        shapes = {}
+        for idx, block in blocks.items():
+            ex = block.routed
+            shapes[idx] = (ex.num_experts, ex.intermediate_size, ex.hidden_size)
+            setattr(block, block.experts_attr, nn.Module())  # experts are written below
+        plan = plan_quantization(model, spec)
+        apply_plan(model, plan)
+        fill_random(model, seed=seed, dtype=mx.float32)
+        emb = model.model.embed_tokens
+        if "scales" in emb:
+            emb.scales = emb.scales * embed_scale
+            emb.biases = emb.biases * embed_scale
         else:
-            o.weight = o.weight * attn_out_scale
-    save_sharded(tree_flatten(model.parameters()), tmp, 2 << 30)
-    del model
-    rng = np.random.default_rng(seed)
-    writer = ExpertFileWriter(tmp)
-    for n, (idx, (E, I, H)) in enumerate(sorted(shapes.items())):
-        arrays = {}
-        for proj, (out, inp) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-            a = math.sqrt(3.0 / inp)
-            groups = inp // group_size
-            arrays[f"{proj}.weight"] = rng.integers(0, 1 << 32, (E, out, inp * bits // 32), dtype=np.uint32)
-            jitter = 1 + 0.1 * rng.standard_normal((E, out, groups), dtype=np.float32)
-            scales = (2 * a / (2 ** bits - 1)) * jitter
-            arrays[f"{proj}.scales"] = scales.astype(np.float32)
-            arrays[f"{proj}.biases"] = (-scales * (2 ** bits - 1) / 2).astype(np.float32)
-        q = {"group_size": group_size, "bits": bits, "mode": "affine"}
-        writer.write_layer(idx, f"model.layers.{idx}.{arch.experts_prefix}", arrays,
-                           {p: q for p in PROJECTIONS})
-        if progress:
-            print(f"  experts of layer {idx} written ({n + 1}/{len(shapes)})", file=sys.stderr, flush=True)
-    writer.finish()
-    config["quantization"] = config_entry(spec, plan)
-    config["quantization_config"] = config["quantization"]
-    config["mlx_moe_expert_files"] = str(INDEX)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+            emb.weight = emb.weight * embed_scale
+        for layer in model.layers:
+            o = layer.self_attn.o_proj
+            if "scales" in o:
+                o.scales, o.biases = o.scales * attn_out_scale, o.biases * attn_out_scale
+            else:
+                o.weight = o.weight * attn_out_scale
+        save_sharded(tree_flatten(model.parameters()), tmp, 2 << 30)
+        del model
+        rng = np.random.default_rng(seed)
+        writer = ExpertFileWriter(tmp)
+        for n, (idx, (E, I, H)) in enumerate(sorted(shapes.items())):
+            arrays = {}
+            for proj, (out, inp) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                a = math.sqrt(3.0 / inp)
+                groups = inp // group_size
+                arrays[f"{proj}.weight"] = rng.integers(0, 1 << 32, (E, out, inp * bits // 32), dtype=np.uint32)
+                jitter = 1 + 0.1 * rng.standard_normal((E, out, groups), dtype=np.float32)
+                scales = (2 * a / (2 ** bits - 1)) * jitter
+                arrays[f"{proj}.scales"] = scales.astype(np.float32)
+                arrays[f"{proj}.biases"] = (-scales * (2 ** bits - 1) / 2).astype(np.float32)
+            q = {"group_size": group_size, "bits": bits, "mode": "affine"}
+            writer.write_layer(idx, f"model.layers.{idx}.{arch.experts_prefix}", arrays,
+                               {p: q for p in PROJECTIONS})
+            if progress:
+                print(f"  experts of layer {idx} written ({n + 1}/{len(shapes)})", file=sys.stderr, flush=True)
+        writer.finish()
+        config["quantization"] = config_entry(spec, plan)
+        config["quantization_config"] = config["quantization"]
+        config["mlx_moe_expert_files"] = str(INDEX)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 

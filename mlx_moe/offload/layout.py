@@ -49,6 +49,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..experts import PROJECTIONS
+from ..safe_write import writing
 from ..safetensors_io import CheckpointError
 
 FORMAT = "mlx-moe-expert-files"
@@ -230,7 +231,7 @@ class ExpertFileWriter:
         tmp = path.with_name(f".{fname}.tmp")
         buf = np.zeros(record, np.uint8)
         crcs = []
-        with open(tmp, "wb") as f:
+        with writing(tmp), open(tmp, "wb") as f:  # a full disk names the file, nothing partial left
             f.write(_header_bytes(entry))
             for e in range(E):
                 buf[:] = 0
@@ -250,7 +251,8 @@ class ExpertFileWriter:
             index.update(extra)
         path = self.folder / INDEX
         tmp = path.with_name(".index.json.tmp")
-        tmp.write_text(json.dumps(index, indent=1))
+        with writing(tmp):
+            tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, path)
         return path
 
