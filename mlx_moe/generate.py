@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -10,28 +11,64 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import offload
+from .cli import UsageError, add_quantize_args, add_verbose, checked, dash_values, quantize_spec, run
+from .experts import BACKENDS
 from .loading import DEFAULT_MODEL, load
+from .offload.loader import parse_budget
+
+PROG = "mlx_moe.generate"
+
+
+def budget(text):
+    """``--expert-budget``: checked now (syntax, positive, finite); sized at load."""
+    try:
+        parse_budget(text, 100)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="mlx_moe.generate", description=__doc__)
-    p.add_argument("--model", default=None, help=f"local folder or Hugging Face repo (default: the tiny model shipped in {DEFAULT_MODEL.name}/)")
-    p.add_argument("--prompt", "-p", default="A list is", help="prompt text, or '-' to read stdin")
-    p.add_argument("--max-tokens", "-m", type=int, default=100)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("--model", default=None, help=f"local folder or Hugging Face repo id owner/name (default: the tiny model shipped in {DEFAULT_MODEL.name}/)")
+    p.add_argument("--prompt", "-p", default="A list is",
+                   help="prompt text, or '-' to read stdin (as UTF-8; invalid bytes are replaced by U+FFFD, with a warning)")
+    p.add_argument("--max-tokens", "-m", default=100,
+                   type=checked(int, lambda v: v >= 1 or v == -1, "a whole number >= 1, or -1 for no limit"),
+                   help="tokens to generate; -1: no limit (default: 100)")
+    p.add_argument("--temp", type=checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+                   default=0.0, help="sampling temperature; 0: greedy (default)")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   default=1.0, help="nucleus sampling with --temp > 0; 1: off (default)")
+    p.add_argument("--seed", type=checked(int, lambda v: v >= 0, "a whole number >= 0"), default=None,
+                   help="random seed for sampling (a whole number >= 0)")
     p.add_argument("--ignore-chat-template", action="store_true")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize while loading")
-    p.add_argument("--q-bits", type=int, default=None)
-    p.add_argument("--q-group-size", type=int, default=None)
-    p.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
+    add_quantize_args(p)
     p.add_argument("--backend", default="auto", help="MoE backend: auto, gather, loop, fused, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--expert-budget", default=None, metavar="GB|N%",
-                   help="keep only this much of the routed experts in memory, stream the rest "
-                        "from an --expert-file-layout folder (docs/OFFLOAD.md)")
+    p.add_argument("--expert-budget", default=None, metavar="GB|N%", type=budget,
+                   help="keep only this much of the routed experts in memory (a positive number of GB, "
+                        "e.g. 12 or 12GB, or a share such as 50%%), stream the rest from an "
+                        "--expert-file-layout folder (docs/OFFLOAD.md)")
+    add_verbose(p)
     return p
+
+
+def read_prompt(text):
+    """The prompt: ``text``, or stdin for '-', decoded as UTF-8 with replacement."""
+    if text != "-":
+        prompt = text
+    else:
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            prompt = data.decode("utf-8", errors="replace")
+            print(f"{PROG}: warning: stdin is not valid UTF-8 (byte {e.start}); "
+                  "invalid bytes were replaced by U+FFFD", file=sys.stderr)
+    if not prompt.strip():
+        raise UsageError("the prompt is empty" + (" (stdin gave no text)" if text == "-" else " (--prompt)"))
+    return prompt
 
 
 def prompt_tokens(tokenizer, prompt, ignore_chat_template):
@@ -41,20 +78,42 @@ def prompt_tokens(tokenizer, prompt, ignore_chat_template):
     return tokenizer.encode(prompt)
 
 
+def context_length(model):
+    args = getattr(model, "args", None)
+    n = getattr(args, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` and generate; errors raise (``cli`` is the command line)."""
+    parser = build_parser()
+    args = parser.parse_args(dash_values(parser, sys.argv[1:] if argv is None else list(argv)))
+    quantize = quantize_spec(parser, args)
+    if args.backend != "auto" and args.backend not in BACKENDS:
+        parser.error(f"argument --backend: unknown MoE backend {args.backend!r}; "
+                     f"available: auto, {', '.join(sorted(BACKENDS))}")
+    prompt = read_prompt(args.prompt)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    quantize = None
-    if args.quantize:
-        quantize = {"bits": args.q_bits, "group_size": args.q_group_size, "mode": args.q_mode}
     t0 = time.perf_counter()
     model, tokenizer = load(args.model, quantize=quantize, backend=args.backend, progress=not args.json,
                             expert_budget_gb=args.expert_budget)
     load_s = time.perf_counter() - t0
+    try:
+        _generate(args, model, tokenizer, prompt, load_s)
+    finally:
+        offload.close(model)
 
+
+def _generate(args, model, tokenizer, prompt, load_s):
     ids = prompt_tokens(tokenizer, prompt, args.ignore_chat_template)
+    if len(ids) == 0:
+        raise UsageError("the prompt encodes to no tokens")
+    limit = context_length(model)
+    if limit is not None and len(ids) > limit:
+        print(f"{PROG}: warning: the prompt has {len(ids)} tokens, more than the model's "
+              f"max_position_embeddings = {limit}; output past that length may be meaningless",
+              file=sys.stderr)
     sampler = make_sampler(args.temp, args.top_p if args.top_p < 1.0 else 0.0)
     tokens, text, last = [], "", None
     if not args.json:
@@ -76,7 +135,6 @@ def main(argv=None):
             "load_s": load_s,
             "expert_offload": offload.stats(model),
         }))
-        offload.close(model)
         return
     print("\n" + "=" * 10)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
@@ -84,8 +142,12 @@ def main(argv=None):
     print(f"Peak memory: {last.peak_memory:.3f} GB")
     if offload.stats(model):
         print(offload.format_stats(offload.stats(model)))
-    offload.close(model)
+
+
+def cli(argv=None):
+    """The ``mlx_moe.generate`` command: exits 0, 2 (user error) or 130 (interrupted)."""
+    sys.exit(run(PROG, main, argv))
 
 
 if __name__ == "__main__":
-    main()
+    cli()

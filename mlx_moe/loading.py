@@ -13,6 +13,7 @@ and register a ``FolderLoader`` that ``load_model`` tries first; the package's
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -22,6 +23,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_tokenizer
 
+from .cli import UsageError
+from . import hub
+from .config_checks import ConfigError, check_config
 from .experts import PROJECTIONS, MoEExperts
 from .formats import EXTRA_CONTAINERS, ExpertContext, dequantize_fp8_rest, extract_experts
 from .models import MoEBlock, build_model
@@ -45,28 +49,42 @@ DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
 def resolve_path(path_or_repo) -> Path:
-    """A local folder, or a Hugging Face repo id downloaded to the local cache."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
+    """A local folder, or a Hugging Face repo id downloaded to the local cache.
 
-        return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # the hub client raises many types; all mean "not available"
-        raise FileNotFoundError(
-            f"'{path_or_repo}' is neither a local folder nor a downloadable Hugging Face repo ({e})"
-        ) from None
+    A name that looks local (``/``, ``./``, ``~``, no ``owner/name`` form, or
+    whose parent exists) is never sent to the Hub: a clear "no such folder"
+    instead. Hub look-ups are bounded in time and honour ``HF_HUB_OFFLINE``
+    (``mlx_moe.hub``).
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() and folder_loader(path) is not None:  # a model file, e.g. x.gguf
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path}: not a folder (a model folder holds config.json and *.safetensors)")
+    reason = "a path" if isinstance(path_or_repo, Path) else hub.local_reason(str(path_or_repo))
+    if reason is not None:
+        hint = "" if reason == "a path" else f" ({reason})"
+        raise FileNotFoundError(f"no such folder: {path_or_repo}{hint}")
+    return hub.download(str(path_or_repo), HUB_PATTERNS)
 
 
 def load_config(folder: Path) -> dict:
-    f = folder / "config.json"
+    """``folder``'s config.json, checked (``mlx_moe.config_checks``): errors name the file."""
+    f = Path(folder) / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"{folder}: no config.json")
-    config = json.loads(f.read_text())
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{f}: not UTF-8 text (byte {e.start})") from None
     # Multimodal wrappers keep the LM config under text_config.
-    if "model_type" not in config and "text_config" in config:
+    if isinstance(config, dict) and "model_type" not in config and isinstance(config.get("text_config"), dict):
         config = {**config["text_config"], **{k: v for k, v in config.items() if k != "text_config"}}
+    check_config(config, f)
     return config
 
 
@@ -80,43 +98,85 @@ def _expert_modules(model):
     }
 
 
-def plan(model, config: dict, ckpt: Checkpoint, spec: Optional[QuantSpec]):
-    """Decide each module's quantization; return ``(plan, config to save)``."""
+def plan(model, config: dict, ckpt: Checkpoint, spec: Optional[QuantSpec], requantize: bool = False):
+    """Decide each module's quantization; return ``(plan, config to save)``.
+
+    Weights that arrive quantized are kept as they are, as mlx-lm keeps them:
+    re-quantizing them only loses accuracy. ``spec`` then applies to the
+    modules still in float; ``requantize`` re-quantizes gpt-oss's MXFP4 experts
+    to ``spec`` too (an mlx-lm folder's packed weights cannot be: their
+    original values are gone).
+    """
     config = dict(config)
     qcfg = config.get("quantization_config") or {}
     method = qcfg.get("quant_method")
     if "quantization" in config:
-        # An mlx-format folder: rebuild exactly what was saved (mlx-lm's rule).
-        if spec is not None:
-            raise ValueError(
-                f"The checkpoint is already quantized ({config['quantization']}); load it "
-                "without quantize, or convert from the original weights."
-            )
-        q = config["quantization"]
-        default = {k: q[k] for k in ("group_size", "bits") if k in q} | {"mode": q.get("mode", "affine")}
-        result = {}
-        for path, m in model.named_modules():
-            if not hasattr(m, "to_quantized"):
-                continue
-            if isinstance(q.get(path), dict):
-                result[path] = {**default, **q[path]}
-            elif f"{path}.scales" in ckpt:
-                result[path] = default
-        return result, config
+        return _plan_mlx_folder(model, config, ckpt, spec, requantize)
 
     config.pop("quantization_config", None)  # fp8 / mxfp4 sources are rewritten below
     result = plan_quantization(model, spec) if spec else {}
+    entry = config_entry(spec, result) if spec else None
     if method == "mxfp4":
         keep = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
-        if spec is None or spec.params() == keep:
-            result.update({p: keep for p in _expert_modules(model)})
-            spec = spec or QuantSpec(4, 32, "mxfp4")
+        if spec is None or spec.params() == keep or not requantize:
+            experts = _expert_modules(model)
+            result.update({p: keep for p in experts})
+            # mlx-lm's entry for mxfp4 experts under -q: the kept format on top,
+            # every module quantized by -q listed by path.
+            entry = {**keep, **{p: v for p, v in result.items() if p not in experts}}
+            if spec is not None and spec.params() != keep:
+                notice(
+                    f"{ckpt.folder}: the routed experts are already MXFP4 and are kept as they are "
+                    f"({_describe(spec.params())} applies to the other layers; --requantize "
+                    "re-quantizes the experts too)"
+                )
     elif method not in (None, "fp8"):
         raise ValueError(f"Unsupported checkpoint quantization method '{method}'")
     if result:
-        config["quantization"] = config_entry(spec, result)
+        config["quantization"] = entry
         config["quantization_config"] = config["quantization"]
     return result, config
+
+
+def _plan_mlx_folder(model, config, ckpt, spec, requantize):
+    """An mlx-format folder: rebuild exactly what was saved (mlx-lm's rule); ``spec``
+    quantizes only what is still float, recorded by path (as ``mlx_lm.convert -q``)."""
+    q = config["quantization"]
+    default = {k: q[k] for k in ("group_size", "bits") if k in q} | {"mode": q.get("mode", "affine")}
+    result = {}
+    for path, m in model.named_modules():
+        if not hasattr(m, "to_quantized"):
+            continue
+        if isinstance(q.get(path), dict):
+            result[path] = {**default, **q[path]}
+        elif f"{path}.scales" in ckpt:
+            result[path] = default
+    if spec is None:
+        return result, config
+    if requantize:
+        raise UsageError(
+            f"{ckpt.folder} is already quantized ({_describe(default)}); its original weights are "
+            "needed to re-quantize: convert from them, or drop --requantize to keep what is quantized"
+        )
+    added = {p: v for p, v in plan_quantization(model, spec).items() if p not in result}
+    notice(
+        f"{ckpt.folder} is already quantized ({_describe(default)}): its {len(result)} quantized "
+        f"layers are kept as they are; "
+        + (f"{_describe(spec.params())} applies to the {len(added)} others" if added else "nothing else to quantize")
+    )
+    if added:
+        config["quantization"] = {**q, **added}
+        config["quantization_config"] = config["quantization"]
+    return {**result, **added}, config
+
+
+def _describe(params: dict) -> str:
+    return f"{params['mode']} {params['bits']}-bit, group size {params['group_size']}"
+
+
+def notice(msg: str):
+    """One line on stderr about a choice made for the user (not an error)."""
+    print(f"mlx_moe: {msg}", file=sys.stderr)
 
 
 class StreamingLoader:
@@ -260,12 +320,19 @@ class StreamingLoader:
 
 @dataclass(frozen=True)
 class FolderLoader:
-    """A folder layout ``load_model`` hands over to: ``claims(folder,
-    expert_budget_gb)`` says the layout applies, ``load(folder, expert_budget_gb,
-    quantize, backend, progress, expert_options)`` returns ``(model, config)``."""
+    """A layout ``load_model`` hands over to: ``claims(path, expert_budget_gb)``
+    says the layout applies, ``load(path, expert_budget_gb, quantize, backend,
+    progress, expert_options, requantize=...)`` returns ``(model, config)``.
+
+    Layouts that carry their tokenizer inside (GGUF) also give
+    ``tokenizer(path)`` (an mlx-lm ``TokenizerWrapper``) and
+    ``save_tokenizer(path, out_dir)`` (the files ``convert`` writes instead of
+    copying a folder's side files)."""
 
     claims: Callable
     load: Callable
+    tokenizer: Optional[Callable] = None
+    save_tokenizer: Optional[Callable] = None
 
 
 # name -> FolderLoader, tried in registration order before the plain layout.
@@ -276,6 +343,11 @@ def register_folder_loader(name: str, loader: FolderLoader):
     FOLDER_LOADERS[name] = loader
 
 
+def folder_loader(path: Path, expert_budget_gb=None) -> Optional[FolderLoader]:
+    """The registered layout that claims ``path``, or None for a plain folder."""
+    return next((l for l in FOLDER_LOADERS.values() if l.claims(path, expert_budget_gb)), None)
+
+
 def load_model(
     path_or_repo=None,
     quantize=None,
@@ -283,6 +355,7 @@ def load_model(
     progress: bool = False,
     expert_budget_gb=None,
     expert_options=None,
+    requantize: bool = False,
 ):
     """Load a model, quantizing while streaming if ``quantize`` is given.
 
@@ -292,28 +365,31 @@ def load_model(
     ``expert_budget_gb`` (GB, or e.g. ``"50%"``): keep only that much of the routed
     experts in memory and stream the rest from disk (``mlx_moe.offload``; needs a
     folder converted with ``--expert-file-layout``, which also loads without it).
+    Weights that arrive quantized are kept under ``quantize`` unless ``requantize``
+    (see ``plan``).
     """
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
-    for loader in FOLDER_LOADERS.values():
-        if loader.claims(folder, expert_budget_gb):
-            return loader.load(folder, expert_budget_gb, quantize, backend, progress, expert_options)
+    loader = folder_loader(folder, expert_budget_gb)
+    if loader is not None:
+        return loader.load(folder, expert_budget_gb, quantize, backend, progress, expert_options,
+                           requantize=requantize)
     if expert_budget_gb is not None:
         raise ValueError("expert_budget_gb needs mlx_moe.offload's folder loader (import mlx_moe)")
-    model, arch, config, ckpt = prepare(folder, quantize)
+    model, arch, config, ckpt = prepare(folder, quantize, requantize)
     set_backend(model, backend)
     StreamingLoader(model, arch, config, ckpt).run(progress)
     model.eval()
     return model, config
 
 
-def prepare(folder: Path, quantize=None):
+def prepare(folder: Path, quantize=None, requantize: bool = False):
     """The lazy model skeleton with its quantization applied, ready to be filled:
     ``(model, arch, config to save, checkpoint)``. Reads headers only."""
     config = load_config(folder)
     spec = QuantSpec.parse(quantize)
     ckpt = Checkpoint(folder)
     model, arch = build_model(config)
-    module_plan, config = plan(model, config, ckpt, spec)
+    module_plan, config = plan(model, config, ckpt, spec, requantize)
     apply_plan(model, module_plan)
     return model, arch, config, ckpt
 
@@ -324,13 +400,34 @@ def set_backend(model: nn.Module, backend: str):
             m.backend = backend
 
 
+# A folder has a usable tokenizer if it holds one of these (or a *.tiktoken file).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_tokenizer_files(folder: Path):
+    """FileNotFoundError naming the expected files when ``folder`` has no tokenizer
+    (transformers would quietly build an empty one: every prompt -> [])."""
+    names = {p.name for p in Path(folder).iterdir()}
+    if names & set(TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names):
+        return
+    raise FileNotFoundError(
+        f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}, *.tiktoken); copy them "
+        "from the original model (mlx_moe.load_model loads the weights without a tokenizer)"
+    )
+
+
 def load(path_or_repo=None, quantize=None, backend="auto", progress=True, expert_budget_gb=None, expert_options=None):
     """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=..., expert_budget_gb=...)``."""
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
+    own_tokenizer = getattr(folder_loader(folder, expert_budget_gb), "tokenizer", None)
+    if own_tokenizer is None:
+        check_tokenizer_files(folder)
     model, config = load_model(
         folder, quantize=quantize, backend=backend, progress=progress,
         expert_budget_gb=expert_budget_gb, expert_options=expert_options,
     )
+    if own_tokenizer is not None:
+        return model, own_tokenizer(folder)
     eos = config.get("eos_token_id")
     tokenizer = load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     return model, tokenizer

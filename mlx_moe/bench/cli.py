@@ -44,7 +44,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..cli import UsageError as CliUsageError
+from ..cli import add_verbose, positive_int
+from ..cli import run as run_cli
+from ..config_checks import check_config
 from ..quantization import QuantSpec
+from ..synthetic import get_config
 from . import plot
 from .common import UsageError, on_gpu, parse_list
 from . import batch as batch_bench
@@ -77,7 +82,7 @@ def build_parser():
     p.add_argument("--shapes", help=f"layer shapes, comma separated: {', '.join(SHAPES)} or E:H:I:k (default: {','.join(DEFAULT_SHAPES)})")
     p.add_argument("--m", help=f"tokens per layer call (default: {','.join(map(str, DEFAULT_M))})")
     p.add_argument("--bits", help="quantization bits, comma separated; 0 = unquantized (default: 4,8)")
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=positive_int, default=64)
     p.add_argument("--backends", help="our backends to time (default: every available one; loop only on small layers)")
     p.add_argument("--config", help="e2e configs, comma separated: names in mlx_moe.synthetic.CONFIGS or config.json paths (default: qwen3-30b-a3b on GPU, tiny on CPU)")
     p.add_argument("--prefill", help=f"prefill lengths (default: {','.join(map(str, DEFAULT_PREFILL))})")
@@ -108,6 +113,7 @@ def build_parser():
     p.add_argument("--peak-gbs", type=float, help="memory bandwidth roofline to draw on the plot")
     p.add_argument("--workdir", help="where --load writes checkpoints (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep --load's checkpoints")
+    add_verbose(p)
     return p
 
 
@@ -144,9 +150,15 @@ def resolve_args(args):
             try:
                 QuantSpec.parse({"bits": b, "group_size": args.group_size})
             except ValueError as e:
-                raise UsageError(str(e)) from None
+                raise UsageError(f"--bits/--group-size: {e}") from None
     for s in args.shapes:
         parse_shape(s)
+    if args.e2e or args.batch or args.cold:
+        for c in args.config:  # a wrong name or path fails now, not as a skipped row
+            try:
+                check_config(get_config(c), c)
+            except ValueError as e:
+                raise UsageError(f"--config: {e}") from None
     if args.e2e and (args.decode_tokens < DEFAULT_DECODE_TOKENS or args.decode_repeats < DEFAULT_DECODE_REPEATS):
         print(f"note: decode over {args.decode_repeats} x {args.decode_tokens} tokens (< {DEFAULT_DECODE_REPEATS} x "
               f"{DEFAULT_DECODE_TOKENS}): too few to tell a small speed-up from drift", file=sys.stderr)
@@ -222,19 +234,28 @@ def run(argv) -> dict:
 
 
 def main(argv=None) -> None:
-    """The ``mlx_moe.bench`` console script: returns None, so it exits 0."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The ``mlx_moe.bench`` console script: returns None, so it exits 0; a user
+    error is one line and SystemExit(2), Ctrl-C SIGTERM SystemExit(130) (``mlx_moe.cli``)."""
+    code = run_cli("mlx_moe.bench", _dispatch, sys.argv[1:] if argv is None else list(argv))
+    if code:
+        raise SystemExit(code)
+
+
+def _dispatch(argv) -> None:
     try:
         if argv[:1] == [CHILD_COMMAND]:
             load_child(*argv[1:])
         elif argv[:1] == [cold_bench.CHILD_COMMAND]:
             cold_bench.cold_child(*argv[1:])
+        elif argv[:1] == ["server"]:  # mlx_moe.server vs mlx_lm.server: mlx_moe.bench server [--clients ...]
+            from .server import main as server_main
+
+            server_main(argv[1:])
         elif argv[:1] == ["offload"]:  # expert-budget benchmark: mlx_moe.bench offload [--budgets ...]
             from .offload import main as offload_main
 
-            offload_main(argv[1:])
+            offload_main([a for a in argv[1:] if a != "--verbose"])  # --verbose: read by run_cli
         else:
             run(argv)
-    except UsageError as e:
-        print(f"mlx_moe.bench: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except UsageError as e:  # bench's own (a SystemExit, for library callers): one line, exit 2
+        raise CliUsageError(str(e)) from None

@@ -1,6 +1,7 @@
 """Loading expert-file folders (resident or budgeted) and writing them."""
 
 import atexit
+import math
 import weakref
 from pathlib import Path
 from typing import Optional
@@ -31,19 +32,34 @@ OPTIONS = ("io_threads", "io_mode", "verify", "predictor", "lookahead", "half_li
 
 
 def parse_budget(budget, routed_bytes: int) -> Optional[int]:
-    """Budget in bytes from GB (float / "12", "12GB") or a share of the routed experts ("50%")."""
+    """Budget in bytes from GB (float / "12", "12GB") or a share of the routed experts
+    ("50%"); a ValueError naming the value unless it is a positive finite number."""
     if budget is None:
         return None
+    share = False
     if isinstance(budget, str):
         b = budget.strip().lower()
-        if b.endswith("%"):
-            return int(float(b[:-1]) / 100 * routed_bytes)
-        if b.endswith("gb"):
+        share = b.endswith("%")
+        if share:
+            b = b[:-1]
+        elif b.endswith("gb"):
             b = b[:-2]
-        budget = float(b)
-    if budget < 0:
-        raise ValueError(f"expert budget must be positive, got {budget}")
-    return int(round(float(budget) * 1e9))
+        try:
+            value = float(b)
+        except ValueError:
+            raise ValueError(
+                f"expert budget {budget!r} is not a number of GB (e.g. 12 or 12GB) "
+                "or a share of the routed experts (e.g. 50%)"
+            ) from None
+    elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value = float(budget)
+    else:
+        raise ValueError(f"expert budget must be a number of GB or a string such as '50%', got {budget!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expert budget must be a positive finite {'share' if share else 'number of GB'}, got {budget!r}")
+    if share:
+        return int(value / 100 * routed_bytes)
+    return int(round(value * 1e9))
 
 
 def top_k(config) -> int:
@@ -98,17 +114,27 @@ class _Loader(StreamingLoader):
         return set()
 
 
+def _q_flag(folder) -> str:
+    """`` -q`` for the convert command we suggest, unless the folder is already an
+    mlx-lm quantized one (-q would only say it keeps what is quantized)."""
+    try:
+        return "" if "quantization" in load_config(folder) else " -q"
+    except (OSError, ValueError):
+        return " -q"
+
+
 def load_offloaded(path_or_repo, expert_budget_gb=None, quantize=None, backend="auto",
-                   progress=False, expert_options: Optional[dict] = None):
+                   progress=False, expert_options: Optional[dict] = None, requantize=False):
     """Load an expert-file folder: resident (``expert_budget_gb=None``) or with the
-    routed experts streamed through a cache of ``expert_budget_gb`` GB (or "50%")."""
+    routed experts streamed through a cache of ``expert_budget_gb`` GB (or "50%").
+    ``requantize`` is refused with ``quantize`` below: such a folder is converted already."""
     folder = resolve_path(path_or_repo)
     if not is_offload_folder(folder):
         raise ValueError(
             f"{folder}: expert_budget_gb needs a folder in the expert-file layout; write one with "
-            f"`python -m mlx_moe.convert --hf-path {folder} --mlx-path OUT -q --expert-file-layout`"
+            f"`python -m mlx_moe.convert --hf-path {folder} --mlx-path OUT{_q_flag(folder)} --expert-file-layout`"
         )
-    if quantize is not None:
+    if quantize is not None or requantize:
         raise ValueError(
             f"{folder} is already converted (expert-file layout); load it without quantize, "
             "or convert from the original weights"
@@ -240,13 +266,14 @@ class _WritingLoader(StreamingLoader):
         return consumed
 
 
-def write_offload_folder(hf_path, dst, quantize=None, max_shard_gb=5.0, progress=True) -> dict:
+def write_offload_folder(hf_path, dst, quantize=None, max_shard_gb=5.0, progress=True,
+                         requantize=False) -> dict:
     """Convert ``hf_path`` into ``dst`` (an existing empty folder) in the expert-file
     layout; returns the config to save. Peak memory: one layer's experts."""
     src = resolve_path(hf_path)
     if is_offload_folder(src):
         raise ValueError(f"{src} is already in the expert-file layout")
-    model, arch, config, ckpt = prepare(src, quantize)
+    model, arch, config, ckpt = prepare(src, quantize, requantize)
     dst = Path(dst)
     writer = ExpertFileWriter(dst)
     loader = _WritingLoader(model, arch, config, ckpt, writer)
