@@ -307,6 +307,8 @@ class MoEExperts(nn.Module):
         super().__init__()
         H = _one_of("hidden_size", hidden_size, "input_dims", input_dims)
         I = _one_of("intermediate_size", intermediate_size, "hidden_dims", hidden_dims)
+        for name, value in (("num_experts", num_experts), ("hidden_size", H), ("intermediate_size", I)):
+            _check_size(name, value)
         keys = [None] * 3 if key is None else mx.random.split(key, 3)
         self.gate_proj = ExpertLinear(H, I, num_experts, bias, key=keys[0])
         self.up_proj = ExpertLinear(H, I, num_experts, bias, key=keys[1])
@@ -363,9 +365,49 @@ class MoEExperts(nn.Module):
                 return name
         return "gather"
 
-    def __call__(self, x, weights, ids):
+    def __call__(self, x, weights, ids, validate: bool = True):
+        """``y [..., H]`` in x's dtype for ``x [..., H]``, ``weights, ids [..., k]``.
+
+        ``validate`` (default on, for direct calls): refuse shapes that do not
+        agree and expert ids outside ``[0, E)``; the id check reads ``ids`` on
+        the host (one sync). Our MoE blocks pass ``validate=False``: their
+        routers give valid ids by construction, and decode must not sync per
+        layer.
+        """
+        if validate:
+            self.check_inputs(x, weights, ids)
         name = self.select_backend(x, ids)
         return BACKENDS[name].run(self, x, weights, ids).astype(x.dtype)
+
+    def check_inputs(self, x, weights, ids):
+        """ValueError naming the shapes (or the expert id) when ``x [..., H]``,
+        ``weights [..., k]`` and ``ids [..., k]`` (integer ids in ``[0, E)``) do
+        not agree. Evaluates ``ids`` (a host sync)."""
+        H, E = self.hidden_size, self.num_experts
+        shapes = f"x {tuple(x.shape)}, topk_weights {tuple(weights.shape)}, topk_ids {tuple(ids.shape)}"
+        if x.ndim < 1 or x.shape[-1] != H:
+            raise ValueError(f"MoEExperts: x must be [..., {H}] (hidden size {H}); got {shapes}")
+        if ids.ndim < 1 or ids.shape[-1] < 1 or tuple(ids.shape[:-1]) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"MoEExperts: topk_ids must be [..., k] with x's leading shape "
+                f"{tuple(x.shape[:-1])}; got {shapes}"
+            )
+        if tuple(weights.shape) != tuple(ids.shape):
+            raise ValueError(f"MoEExperts: topk_weights and topk_ids must have one shape; got {shapes}")
+        if not mx.issubdtype(ids.dtype, mx.integer):
+            raise ValueError(f"MoEExperts: topk_ids must be integers; got dtype {ids.dtype}")
+        if ids.size:
+            lo, hi = mx.min(ids), mx.max(ids)
+            mx.eval(lo, hi)
+            if lo.item() < 0 or hi.item() >= E:
+                bad = lo.item() if lo.item() < 0 else hi.item()
+                raise ValueError(f"MoEExperts: expert id {bad} out of range [0, {E}) in topk_ids")
+
+
+def _check_size(name, value):
+    """A layer size must be an integer >= 1 (0 experts used to crash MLX)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"MoEExperts: {name} must be an integer >= 1; got {value!r}")
 
 
 def _one_of(name, value, alias, alias_value):

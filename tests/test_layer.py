@@ -422,3 +422,130 @@ def test_to_quantized_defaults_follow_the_mode():
     ex, _ = make_experts("silu")
     nn.quantize(ex, mode="mxfp4")
     assert ex.quantized == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+
+
+# ------------------------------------------------- direct-call validation
+
+
+@pytest.mark.parametrize("backend", ["gather", "loop", "auto"])
+@pytest.mark.parametrize("bad,dtype", [(E, mx.uint32), (E + 5, mx.int32), (10**6, mx.uint32),
+                                       (-1, mx.int32), (2**32 - 1, mx.uint32)])
+def test_out_of_range_expert_id_is_refused_on_every_backend(backend, bad, dtype):
+    """gather used to give expert 0's output for ids 8 and 1e6, NaN rows for -1."""
+    ex, _ = make_experts("silu")
+    ex.backend = backend
+    (x, w, ids), _ = make_inputs(7)
+    ids = np.array(ids).astype(np.int64)
+    ids[3, 1] = bad
+    ids = mx.array(ids).astype(dtype)
+    with pytest.raises(ValueError, match=rf"expert id {bad} out of range \[0, {E}\) in topk_ids"):
+        mx.eval(ex(x, w, ids))
+
+
+def _shape_case(kind):
+    (x, w, ids), _ = make_inputs(7)  # x [7, H], w and ids [7, K]
+    if kind == "x one token, ids five":
+        return x[:1], w[:5], ids[:5]
+    if kind == "weights 1-D":
+        return x, w[0], ids
+    if kind == "weights fewer slots":
+        return x, w[:, :1], ids
+    if kind == "x wrong width":
+        return x[:, : H // 2], w, ids
+    if kind == "ids 0-D":
+        return x[0], w[0], ids[0, 0]
+    if kind == "float ids":
+        return x, w, ids.astype(mx.float32)
+    raise AssertionError(kind)
+
+
+SHAPE_CASES = {
+    "x one token, ids five": r"topk_ids must be \[\.\.\., k\] with x's leading shape \(1,\); got x \(1, 128\), topk_weights \(5, 2\), topk_ids \(5, 2\)",
+    "weights 1-D": r"topk_weights and topk_ids must have one shape; got x \(7, 128\), topk_weights \(2,\), topk_ids \(7, 2\)",
+    "weights fewer slots": r"topk_weights and topk_ids must have one shape; got .*topk_weights \(7, 1\)",
+    "x wrong width": r"x must be \[\.\.\., 128\] \(hidden size 128\); got x \(7, 64\)",
+    "ids 0-D": r"topk_ids must be \[\.\.\., k\]",
+    "float ids": r"topk_ids must be integers; got dtype mlx.core.float32",
+}
+
+
+@pytest.mark.parametrize("backend", ["gather", "loop"])
+@pytest.mark.parametrize("kind", list(SHAPE_CASES))
+def test_disagreeing_shapes_are_refused_naming_them(kind, backend):
+    """x [1, H] with ids [5, k] used to broadcast to 5 rows; loop took 1-D weights."""
+    ex, _ = make_experts("silu")
+    ex.backend = backend
+    with pytest.raises(ValueError, match=SHAPE_CASES[kind]):
+        mx.eval(ex(*_shape_case(kind)))
+
+
+def test_unbatched_token_is_still_accepted():
+    """x [H] with weights, ids [k]: one token without a batch axis."""
+    ex, W = make_experts("silu")
+    (x, w, ids), (xn, wn, idn) = make_inputs(1)
+    y = ex(x[0, 0], w[0, 0], ids[0, 0])
+    ref = np_moe(xn[0, 0], W, wn[0, 0], idn[0, 0], "silu")[0]
+    np.testing.assert_allclose(np.array(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_validate_false_skips_the_checks():
+    """What the models pass: no check (and no host sync) at all."""
+    ex, _ = make_experts("silu")
+    (x, w, ids), _ = make_inputs(7)
+    assert ex(x[:1], w[:5], ids[:5], validate=False).shape == (5, H)  # broadcasts, unchecked
+
+
+@pytest.mark.parametrize("kw,name", [
+    ({"num_experts": 0}, "num_experts"), ({"num_experts": -3}, "num_experts"),
+    ({"num_experts": 2.5}, "num_experts"), ({"hidden_size": 0}, "hidden_size"),
+    ({"intermediate_size": -1}, "intermediate_size"), ({"input_dims": 0}, "hidden_size"),
+    ({"hidden_dims": 0}, "intermediate_size"),
+])
+def test_sizes_below_one_are_refused_at_construction(kw, name):
+    args = {"num_experts": E, "hidden_size": H, "intermediate_size": I}
+    if "input_dims" in kw:
+        args.pop("hidden_size")
+    if "hidden_dims" in kw:
+        args.pop("intermediate_size")
+    args.update(kw)
+    with pytest.raises(ValueError, match=rf"MoEExperts: {name} must be an integer >= 1; got {list(kw.values())[0]!r}"):
+        MoEExperts(**args)
+
+
+def test_zero_experts_no_longer_kills_the_interpreter():
+    """num_experts=0 used to build, then its first call killed the interpreter
+    (SIGFPE): run in a child so a regression fails instead of crashing pytest."""
+    import subprocess
+    import sys
+
+    code = ("import mlx.core as mx\nfrom mlx_moe.experts import MoEExperts\n"
+            "try:\n    e = MoEExperts(0, 64, 32)\nexcept ValueError as err:\n    print('refused:', err)\n"
+            "else:\n    mx.eval(e(mx.ones((1, 64)), mx.ones((1, 2)), mx.array([[0, 1]])))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+    assert "refused: MoEExperts: num_experts must be an integer >= 1; got 0" in out.stdout
+
+
+def test_model_path_adds_no_host_sync(checkpoint, monkeypatch):
+    """Inside our MoE blocks the id check is off: building a forward pass of a
+    model issues no mx.eval and never reaches the checks."""
+    from mlx_moe.loading import load_model
+
+    model, _ = load_model(checkpoint("qwen3_moe"))
+    prompt = mx.array([[1, 44, 73, 80, 80, 83, 4, 91]])
+    want = model(prompt)
+    mx.eval(want)
+    evals, checks = [], []
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a, **k: evals.append(1) or real_eval(*a, **k))
+    monkeypatch.setattr(MoEExperts, "check_inputs", lambda *a: checks.append(1))
+    y = model(prompt)  # lazy: the graph only
+    assert evals == [] and checks == []
+    # ...while a direct call does check (one eval of the ids' min and max)
+    ex = next(b.routed for layer in model.layers for b in [layer.mlp] if hasattr(b, "routed"))
+    monkeypatch.undo()
+    monkeypatch.setattr(mx, "eval", lambda *a, **k: evals.append(1) or real_eval(*a, **k))
+    (x, w, ids), _ = make_inputs(7)
+    ex(mx.zeros((7, ex.hidden_size)), w, ids % ex.num_experts)
+    assert evals == [1]
+    assert mx.array_equal(y, want)

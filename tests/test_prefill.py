@@ -40,6 +40,35 @@ def _experts(E, H, I, bits=4, gs=32, act="silu", bias=False, dtype=mx.bfloat16, 
     return random_experts(E, H, I, act, fmt, dtype, bias, seed=seed)
 
 
+# Kernel vs MLX-op oracles (loop / gather): the worst token's relative error.
+# A norm over the whole output hides a token: at T=8192 one zeroed output row
+# is 1.3 % of the norm (the old bound was 2 %). Measured on the CPU for the
+# numpy model of the kernel vs loop (E=16, H=512, I=256, k=4, bits 4/8, group
+# 32/128, T 64-8192): worst row 0.95-1.5 %, whole-output norm 0.8-0.9 %.
+ROW_TOL = 4e-2
+
+
+def row_err(got, ref):
+    """max over tokens of ||got_t - ref_t|| / ||ref_t||; rows smaller than a
+    tenth of the median row norm are measured against that floor."""
+    a = np.asarray(got.astype(mx.float32) if isinstance(got, mx.array) else got, np.float64)
+    b = np.asarray(ref.astype(mx.float32) if isinstance(ref, mx.array) else ref, np.float64)
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, a.shape[-1])
+    n = np.linalg.norm(b, axis=-1)
+    return float((np.linalg.norm(a - b, axis=-1) / np.maximum(n, 0.1 * np.median(n) + 1e-30)).max())
+
+
+def test_row_err_catches_one_zeroed_token():
+    """What the whole-output norm missed (the GPU tests' old 2e-2 bound)."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8192, 512))
+    got = ref * (1 + 8e-3 * rng.standard_normal(ref.shape))  # ~0.8 % rounding noise
+    assert row_err(got, ref) < ROW_TOL
+    got[4000] = 0
+    assert rel_err(got, ref) < 2e-2  # the old check passed this
+    assert row_err(got, ref) == pytest.approx(1.0)
+
+
 def _case(E=8, H=128, I=64, k=2, T=40, bits=4, gs=32, act="silu", bias=False,
           dtype=mx.bfloat16, skew=0.0, seed=0):
     ex = _experts(E, H, I, bits, gs, act, bias, dtype, seed=seed)
@@ -112,7 +141,7 @@ def test_reference_matches_loop(cfg):
     ex, x, w, ids = _case(**cfg)
     ref = run_loop(ex, x, w, ids)
     got = reference_prefill(ex, x, w, ids)
-    assert rel_err(got, ref) < 2e-2
+    assert row_err(got, ref) < ROW_TOL
 
 
 # ---------------------------------------------------------------- the kernel body on the CPU
@@ -127,7 +156,7 @@ def test_emulated_kernel_matches_reference(cfg, emu):
     ref = reference_prefill(ex, x, w, ids)
     got = pf.run_prefill(ex, x, w, ids, launch=emu("cpu"))
     assert rel_err(got, ref) < 2e-3
-    assert rel_err(got, run_loop(ex, x, w, ids)) < 2e-2
+    assert row_err(got, run_loop(ex, x, w, ids)) < ROW_TOL
     # the same through the plan / combine kernels
     got = pf.run_prefill(ex, x, w, ids, launch=emu("cpu"), kernels=True)
     assert rel_err(got, ref) < 2e-3
@@ -265,7 +294,7 @@ def test_gpu_prefill_matches_loop(bits, gs, T):
     with mx.stream(mx.gpu):
         got = pf.run_prefill(ex, x, w, ids)
         ref = run_loop(ex, x, w, ids)
-        assert rel_err(got, ref) < 2e-2
+        assert row_err(got, ref) < ROW_TOL
 
 
 @gpu
@@ -275,4 +304,4 @@ def test_gpu_qwen_shape_matches_gather(T):
     ex, x, w, ids = _case(E=128, H=2048, I=768, k=8, T=T, bits=4, gs=64)
     got = pf.run_prefill(ex, x, w, ids)
     ref = experts_mod.run_gather(ex, x, w, ids)  # sorted gather_qmm (pairs >= 64)
-    assert rel_err(got, ref) < 2e-2
+    assert row_err(got, ref) < ROW_TOL

@@ -17,17 +17,43 @@ _registered = False
 
 def register():
     """Register the ``fused`` and ``prefill`` backends with :mod:`mlx_moe.experts`
-    and the router kernel with :mod:`mlx_moe.routing` (idempotent)."""
+    and the router kernel with :mod:`mlx_moe.routing` (idempotent).
+
+    Each is ``available`` to ``auto`` only once it has passed its self-check
+    (:mod:`.selfcheck`: run at its first eligible call in a process, on the
+    GPU only). The backend modules' ``available``/``run``/``route`` are looked
+    up at call time, so tests can replace them."""
     global _registered
     if _registered:
         return
     from .. import routing
     from ..experts import Backend, register_backend
-    from .fused.backend import available, run_fused
+    from . import selfcheck
+    from .fused import backend as fused
     from .prefill import backend as prefill
     from .router import backend as router
 
-    register_backend("fused", Backend(run_fused, available))
-    prefill.register()
-    routing.register_kernel(router)
+    def fused_available(experts, x, ids):
+        return fused.available(experts, x, ids) and selfcheck.passed("fused", experts, x, ids)
+
+    def prefill_available(experts, x, ids):
+        return prefill.available(experts, x, ids) and selfcheck.passed("prefill", experts, x, ids)
+
+    register_backend("fused", Backend(lambda *a: fused.run_fused(*a), fused_available))
+    register_backend("prefill", Backend(lambda *a: prefill.run_backend(*a), prefill_available))
+    routing.register_kernel(_CheckedRouter(router, selfcheck))
     _registered = True
+
+
+class _CheckedRouter:
+    """The router kernel backend as :func:`mlx_moe.routing.route` sees it:
+    ``available`` only after the self-check passed."""
+
+    def __init__(self, backend, selfcheck):
+        self.backend, self.selfcheck = backend, selfcheck
+
+    def available(self, gate, router, x):
+        return self.backend.available(gate, router, x) and self.selfcheck.passed("router", gate, router, x)
+
+    def route(self, gate, router, x):
+        return self.backend.route(gate, router, x)
