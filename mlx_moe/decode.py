@@ -121,11 +121,18 @@ def generate_step(
         prompt = prompt[n:]
         mx.clear_cache()
 
-    if compiled and supports_compiled_decode(model):
-        decoder = CompiledDecoder(model, caches)
-        forward = decoder
-    else:
-        forward = lambda t: model(t, cache=caches)[:, -1, :]
+    use_compiled = compiled and supports_compiled_decode(model)
+    decoder = None
+
+    def forward(tokens):
+        nonlocal decoder
+        # The static caches copy what the prompt left: a 1-token prompt runs
+        # its first step eagerly so there is something to copy.
+        if use_compiled and decoder is None and caches[0].offset > 0:
+            decoder = CompiledDecoder(model, caches)
+        if decoder is not None:
+            return decoder(tokens)
+        return model(tokens, cache=caches)[:, -1, :]
 
     def next_token(tokens):
         logits = forward(tokens[None])

@@ -47,6 +47,14 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _no_kernel_selfcheck(monkeypatch):
+    """On a GPU, ``auto`` checks each kernel once before first use (kernels/selfcheck.py);
+    tests that count kernel calls must not see that extra call. tests/test_selfcheck.py
+    turns it back on for itself."""
+    monkeypatch.setenv("MLX_MOE_SELFCHECK", "0")
+
+
+@pytest.fixture(autouse=True)
 def _backend_registry():
     """A test that registers or removes an expert backend does so for itself only."""
     backends, order = dict(experts.BACKENDS), list(experts.AUTO_ORDER)

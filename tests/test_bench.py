@@ -501,5 +501,5 @@ def test_cold_child_failures_name_the_cause(micro_path):
     args = cold_args(micro_path)
     with pytest.raises(RuntimeError, match=r"timed out after 0.2 s; stderr tail"):
         cold.run_child("ours", micro_path, 4, args, 0.2, None, "ours (test)")
-    with pytest.raises(RuntimeError, match=r"(?s)exited with 1; stderr tail:.*Unknown config 'no-such-model'"):
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 2; stderr tail:.*Unknown config 'no-such-model'"):
         cold.run_child("ours", "no-such-model", 4, args, 120, None, "ours (test)")

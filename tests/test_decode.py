@@ -30,3 +30,9 @@ def test_logprobs_match_eager(model):
     b = [r.logprobs for r in generate_step(prompt, model, max_tokens=5, compiled=False)]
     for x, y in zip(a, b):
         assert mx.allclose(x, y, atol=1e-4)
+
+
+def test_one_token_prompt(model):
+    prompt = mx.array([7])
+    ref = [t for t, _ in mlx_lm_generate_step(prompt, model, max_tokens=12)]
+    assert [r.token for r in generate_step(prompt, model, max_tokens=12, compiled=True)] == ref
