@@ -120,19 +120,21 @@ def test_std_hash_matches_gxx(tmp_path):
 
 
 def test_kernel_name():
+    # Type names as MLX's get_type_string writes them (the H200 run of 2026-12-01
+    # showed MLX's own source naming ``..._bfloat16_t``).
     assert cc.kernel_name("k", []) == "custom_kernel_k"
     assert (cc.kernel_name("k", [("A", 3), ("B", -1), ("C", True), ("D", False), ("T", BF16),
                                  ("U", F32), ("V", mx.uint32)])
-            == "custom_kernel_k_3_-1_t_f_bfloat16_float32_uint32")
+            == "custom_kernel_k_3_-1_t_f_bfloat16_t_float_uint32_t")
     assert cc.kernel_name("moe_down", DOWN_TPL) == \
-        "custom_kernel_moe_down_0_4_64_0_768_2048_8_128_8_4_4_bfloat16"
+        "custom_kernel_moe_down_0_4_64_0_768_2048_8_128_8_4_4_bfloat16_t"
 
 
 def test_source_matches_fused_assemble_cuda():
     """Same text as ``fused/sources.py``'s ``assemble_cuda`` (given MLX's exact default
     header: its own default drops the header's leading newline)."""
-    def name(d):
-        return cc.type_string(d)
+    def name(d):  # assemble_cuda takes dtype names ("bfloat16", ...)
+        return str(d).rsplit(".", 1)[-1]
 
     for k, ins, tpl, outs in _variants()[:2]:
         kname, src = k.sources(ins, tpl, outs)
@@ -153,10 +155,10 @@ def test_source_shape_params_and_template_kinds():
     assert k.off  # MLX's Shape types: left to MLX
     kname, src = k.sources([mx.zeros((2, 3), F16), mx.zeros((), mx.int32)],
                            [("N", 4), ("F", True), ("T", F16)], [F32, mx.uint8])
-    assert kname == "custom_kernel_t_4_t_float16"
+    assert kname == "custom_kernel_t_4_t_float16_t"
     assert src == (
         cc.DEFAULT_HEADERS[0] + "// h\nnamespace mlx::core::cu {\n\nnamespace cg = "
-        "cooperative_groups;\n\n__global__ void custom_kernel_t_4_t_float16(\n"
+        "cooperative_groups;\n\n__global__ void custom_kernel_t_4_t_float16_t(\n"
         "    const __half* a,\n    const __grid_constant__ Shape a_shape,\n"
         "    const int32_t* b,\n    float* o,\n    uint8_t* p) {\n"
         "  constexpr int N = 4;\n  constexpr bool F = true;\n  using T = __half;\n\n"

@@ -71,9 +71,18 @@ CUDA_TYPES = {
 }
 
 
+# MLX's ``get_type_string`` (backend/common/compiled.cpp), used in kernel names;
+# the H200 run of 2026-12-01 showed ``..._bfloat16_t_...`` in MLX's own source.
+TYPE_STRINGS = {
+    mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
+    mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
+    mx.int64: "int64_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t",
+    mx.uint32: "uint32_t", mx.uint64: "uint64_t",
+}
+
+
 def type_string(dtype) -> str:
-    """MLX's ``get_type_string`` (``float32``, ``bfloat16``, ...)."""
-    return str(dtype).rsplit(".", 1)[-1]
+    return TYPE_STRINGS[dtype]
 
 
 def _is_dtype(v):
