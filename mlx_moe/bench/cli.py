@@ -251,6 +251,10 @@ def _dispatch(argv) -> None:
             from .server import main as server_main
 
             server_main(argv[1:])
+        elif argv[:1] == ["distributed"]:  # N ranks on loopback: mlx_moe.bench distributed [--ranks 1,2]
+            from .distributed import main as distributed_main
+
+            distributed_main(argv[1:])
         elif argv[:1] == ["offload"]:  # expert-budget benchmark: mlx_moe.bench offload [--budgets ...]
             from .offload import main as offload_main
 
