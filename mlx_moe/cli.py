@@ -17,6 +17,11 @@ import sys
 import traceback
 
 
+def notice(msg: str):
+    """One line on stderr about a choice made for the user (not an error)."""
+    print(f"mlx_moe: {msg}", file=sys.stderr)
+
+
 class UsageError(Exception):
     """A user error, printed as one line (exit 2)."""
 

@@ -13,7 +13,6 @@ and register a ``FolderLoader`` that ``load_model`` tries first; the package's
 
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -23,8 +22,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_tokenizer
 
-from .cli import UsageError
 from . import hub
+from .adapters import load_adapters
+from .cli import UsageError, notice
 from .config_checks import ConfigError, check_config
 from .experts import PROJECTIONS, MoEExperts
 from .formats import EXTRA_CONTAINERS, ExpertContext, dequantize_fp8_rest, extract_experts
@@ -172,11 +172,6 @@ def _plan_mlx_folder(model, config, ckpt, spec, requantize):
 
 def _describe(params: dict) -> str:
     return f"{params['mode']} {params['bits']}-bit, group size {params['group_size']}"
-
-
-def notice(msg: str):
-    """One line on stderr about a choice made for the user (not an error)."""
-    print(f"mlx_moe: {msg}", file=sys.stderr)
 
 
 class StreamingLoader:
@@ -343,6 +338,15 @@ def register_folder_loader(name: str, loader: FolderLoader):
     FOLDER_LOADERS[name] = loader
 
 
+# mlx_moe.distributed builds on this module; mlx_moe/__init__ registers its
+# ``load_parallel(folder, group, parallel, quantize, backend, progress, requantize)``.
+PARALLEL_LOADER: Dict[str, Callable] = {}
+
+
+def register_parallel_loader(load: Callable):
+    PARALLEL_LOADER["load"] = load
+
+
 def folder_loader(path: Path, expert_budget_gb=None) -> Optional[FolderLoader]:
     """The registered layout that claims ``path``, or None for a plain folder."""
     return next((l for l in FOLDER_LOADERS.values() if l.claims(path, expert_budget_gb)), None)
@@ -356,6 +360,8 @@ def load_model(
     expert_budget_gb=None,
     expert_options=None,
     requantize: bool = False,
+    group=None,
+    parallel=None,
 ):
     """Load a model, quantizing while streaming if ``quantize`` is given.
 
@@ -366,9 +372,16 @@ def load_model(
     experts in memory and stream the rest from disk (``mlx_moe.offload``; needs a
     folder converted with ``--expert-file-layout``, which also loads without it).
     Weights that arrive quantized are kept under ``quantize`` unless ``requantize``
-    (see ``plan``).
+    (see ``plan``). ``parallel="ep"`` with ``group`` (an ``mx.distributed`` group):
+    this rank's share of the model (``mlx_moe.distributed``).
     """
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
+    if parallel is not None:
+        if expert_budget_gb is not None:
+            raise ValueError("expert_budget_gb and parallel cannot be combined yet")
+        if PARALLEL_LOADER.get("load") is None:
+            raise ValueError("parallel= needs mlx_moe.distributed's loader (import mlx_moe)")
+        return PARALLEL_LOADER["load"](folder, group, parallel, quantize, backend, progress, requantize)
     loader = folder_loader(folder, expert_budget_gb)
     if loader is not None:
         return loader.load(folder, expert_budget_gb, quantize, backend, progress, expert_options,
@@ -416,16 +429,24 @@ def check_tokenizer_files(folder: Path):
     )
 
 
-def load(path_or_repo=None, quantize=None, backend="auto", progress=True, expert_budget_gb=None, expert_options=None):
-    """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=..., expert_budget_gb=...)``."""
+def load(path_or_repo=None, quantize=None, backend="auto", progress=True, expert_budget_gb=None, expert_options=None,
+         adapter_path=None, group=None, parallel=None):
+    """``model, tokenizer = mlx_moe.load(path_or_hub_id, quantize=..., expert_budget_gb=...)``;
+    ``group=mx.distributed.init(), parallel="ep"``: this rank's share (``load_model``).
+
+    ``adapter_path``: an ``mlx_lm.lora`` adapter folder, applied unfused (``mlx_moe.adapters``)."""
     folder = resolve_path(path_or_repo or DEFAULT_MODEL)
     own_tokenizer = getattr(folder_loader(folder, expert_budget_gb), "tokenizer", None)
     if own_tokenizer is None:
         check_tokenizer_files(folder)
     model, config = load_model(
         folder, quantize=quantize, backend=backend, progress=progress,
-        expert_budget_gb=expert_budget_gb, expert_options=expert_options,
+        expert_budget_gb=expert_budget_gb, expert_options=expert_options, group=group, parallel=parallel,
     )
+    if adapter_path is not None:
+        if expert_budget_gb is not None:
+            raise UsageError("LoRA adapters (adapter_path) cannot be combined with an expert budget")
+        load_adapters(model, adapter_path)
     if own_tokenizer is not None:
         return model, own_tokenizer(folder)
     eos = config.get("eos_token_id")
