@@ -4,7 +4,7 @@ Qwen3-30B-A3B q4 g64: 5 interleaved rounds of 128 tokens, and one eager forward 
 into graph-build and total time. Usage: source .gpu/setup.sh && python3 scripts/gpu_decode_probe.py
 (the 2026-12-01 run had this file at .probe/probe1.py, importing a snapshot of the
 repository; its log is docs/runs/2026-12-01-h200/decode_probe1.log)."""
-import os, sys, time, statistics, ctypes, glob, json, subprocess
+import os, sys, time, statistics, ctypes, glob, json
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mlx.core as mx
 OUT = os.environ.get("OUT", "/tmp")
@@ -34,7 +34,7 @@ for n in (64, 512, 2048):
     # graph build only
     t = time.perf_counter(); y = chain(); tb = time.perf_counter() - t; mx.eval(y)
     log(f"   build only: {tb/n*1e6:.2f} us/node")
-import mlx_moe  # registers the kernels
+import mlx_moe  # noqa: F401  (registers the kernels)
 from mlx_moe.synthetic import get_config, mlx_lm_twin, random_model
 from mlx_moe.decode import generate_step as our_step
 from mlx_lm.generate import generate_step

@@ -13,7 +13,6 @@ turn (the second shares the first turn's prompt and answer: a prefix cache skips
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
 import threading

@@ -207,7 +207,7 @@ def _deepseek_v3(cfg, gf, m, moe, dense, E, I, top_k, dense_I, key_length):
         topk_method="noaux_tc" if f"blk.{l0}.exp_probs_b.bias" in gf else "greedy",
         n_group=int(m("expert_group_count", 1)),
         topk_group=int(m("expert_group_used_count", 1)),
-        q_lora_rank=int(m("attention.q_lora_rank")) if f"blk.0.attn_q_a.weight" in gf else None,
+        q_lora_rank=int(m("attention.q_lora_rank")) if "blk.0.attn_q_a.weight" in gf else None,
         kv_lora_rank=kv_lora,
         qk_rope_head_dim=rope,
         qk_nope_head_dim=qk_head - rope,

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from typing import List, Optional
+from typing import List
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
