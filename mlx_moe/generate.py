@@ -124,6 +124,9 @@ def build_parser():
                         "tp = tensor parallel (mlx-lm's shard()), ep+tp = both; rank 0 prints "
                         "(README: Running across machines)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="write an expert-usage profile (JSON, see mlx_moe/profile.py) of this generation to "
+                        "FILE and print its summary table on stderr")
     p.add_argument("--expert-budget", default=None, metavar="GB|N%", type=budget,
                    help="keep only this much of the routed experts in memory (a positive number of GB, "
                         "e.g. 12 or 12GB, or a share such as 50%%), stream the rest from an "
@@ -278,6 +281,10 @@ def main(argv=None):
         parser.error(f"argument --backend: unknown MoE backend {args.backend!r}; "
                      f"available: auto, {', '.join(sorted(BACKENDS))}")
     check_combinations(parser, args)
+    if args.profile is not None:
+        from .profile import check_output
+
+        check_output(args.profile, "--profile")  # fail before loading the model
     if args.adapter_path is not None:
         from .adapters import read_config
 
@@ -362,15 +369,32 @@ def _generate(args, model, tokenizer, prompt, load_s, cache=None, draft=None):
         check_kv_group_size(model, args.kv_group_size)
     stream = not args.json and args.verbose is not False
     tokens, text, last, from_draft = [], "", None, 0
+    profiler = None
+    if args.profile is not None:
+        from .profile import ExpertProfiler
+
+        profiler = ExpertProfiler(model).attach()
+        profiler.begin(len(ids))
     if stream:
         print("=" * 10)
-    for r in stream_generate(model, tokenizer, ids, **kwargs):
-        tokens.append(r.token)
-        text += r.text
-        from_draft += bool(r.from_draft)
-        last = r
-        if stream:
-            print(r.text, end="", flush=True)
+    try:
+        for r in stream_generate(model, tokenizer, ids, **kwargs):
+            tokens.append(r.token)
+            text += r.text
+            from_draft += bool(r.from_draft)
+            last = r
+            if stream:
+                print(r.text, end="", flush=True)
+    finally:
+        if profiler is not None:
+            profiler.detach()
+    if profiler is not None:
+        from .profile import summary, write_json
+
+        result = profiler.result(args.model or "default_model")
+        result["generated_tokens"] = len(tokens)
+        write_json(result, args.profile)
+        print(summary(result), file=sys.stderr)
     if args.json:
         print(json.dumps({
             "prompt_tokens": list(ids),
