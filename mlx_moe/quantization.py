@@ -5,7 +5,7 @@ exactly as ``mlx_lm.utils.quantize_model`` would, so our folders load in mlx-lm
 and our 4-bit models match mlx-lm's token for token.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import mlx.core as mx
@@ -33,14 +33,17 @@ class QuantSpec:
     bits: int
     group_size: int
     mode: str = "affine"
+    recipe: Optional[str] = None  # a mixed-bit recipe of ``mlx_moe.recipes``
 
     @classmethod
     def parse(cls, spec) -> Optional["QuantSpec"]:
-        """From None, a QuantSpec, or a dict like ``{"bits": 4, "group_size": 64}``."""
+        """From None, a QuantSpec, a recipe name (``"moe_4_8"``), or a dict like
+        ``{"bits": 4, "group_size": 64}`` (optionally with ``"recipe"``)."""
         if spec is None or isinstance(spec, QuantSpec):
             return spec
-        spec = dict(spec)
+        spec = {"recipe": spec} if isinstance(spec, str) else dict(spec)
         mode = spec.pop("mode", "affine") or "affine"
+        recipe = spec.pop("recipe", None)
         group, bits = mode_defaults(mode, spec.pop("group_size", None), spec.pop("bits", None))
         bits_ok, groups_ok, _, _ = MODES[mode]
         if spec:
@@ -51,10 +54,15 @@ class QuantSpec:
             raise ValueError(
                 f"Unsupported group_size={group} for mode '{mode}'; supported: {list(groups_ok)}"
             )
-        return cls(bits, group, mode)
+        if recipe is not None:
+            from .recipes import check_recipe
+
+            check_recipe(recipe, mode)
+        return cls(bits, group, mode, recipe)
 
     def params(self) -> dict:
-        return asdict(self)
+        """The default settings, as config.json's ``quantization`` top level holds them."""
+        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
 
 
 def plan_quantization(model: nn.Module, spec: QuantSpec) -> Dict[str, dict]:
@@ -62,9 +70,15 @@ def plan_quantization(model: nn.Module, spec: QuantSpec) -> Dict[str, dict]:
 
     mlx-lm's rule: modules with ``to_quantized`` whose input dim divides by the
     group size, filtered and overridden by the model's ``quant_predicate``
-    (e.g. routers kept at 8 bits).
+    (e.g. routers kept at 8 bits); a recipe's predicate replaces the model's,
+    as ``mlx_lm.convert --quant-predicate`` does.
     """
-    predicate = getattr(model, "quant_predicate", None)
+    if spec.recipe is not None:
+        from .recipes import recipe_predicate
+
+        predicate = recipe_predicate(spec.recipe, model, spec.group_size)
+    else:
+        predicate = getattr(model, "quant_predicate", None)
     plan = {}
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % spec.group_size:
@@ -89,7 +103,7 @@ def config_entry(spec: QuantSpec, plan: Dict[str, dict]) -> dict:
     """The ``quantization`` entry of config.json, in mlx-lm's format."""
     entry = spec.params()
     for path, params in plan.items():
-        if params != spec.params():
+        if params != spec.params() or spec.recipe is not None:  # mlx-lm lists every path a recipe set
             entry[path] = params
     return entry
 
