@@ -1,9 +1,11 @@
-"""What both kernel families (``fused`` decode, ``prefill`` grouped GEMM) share."""
+"""What the kernel families (``fused`` decode, ``prefill`` grouped GEMM, ``router``) share."""
 
 from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
+
+from . import cuda_cache
 
 # Activation name -> the ``ACT`` template id both kernel families switch on
 # (fused/moe_common.h and prefill/prefill_act.h).
@@ -36,3 +38,13 @@ def pow2_ceil(n: int) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def custom_kernel(backend: str, **spec):
+    """The ``mx.fast`` kernel object for ``backend`` ("metal" or "cuda"; CUDA ones
+    behind the on-disk cubin cache of ``cuda_cache``), or None for another backend."""
+    if backend == "metal":
+        return mx.fast.metal_kernel(**spec)
+    if backend == "cuda":
+        return cuda_cache.wrap(mx.fast.cuda_kernel(**spec), **spec)
+    return None

@@ -18,8 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-from .. import cuda_cache
-from ..common import ACT_IDS, gpu_backend, pow2_ceil
+from ..common import ACT_IDS, custom_kernel, gpu_backend, pow2_ceil
 from . import sources
 
 MAX_TOKENS = 8
@@ -63,11 +62,8 @@ def kernel_object(name: str, backend: str):
             header=sources.minify(sources.header(backend)),
             ensure_row_contiguous=True,
         )
-        if backend == "metal":
-            k = mx.fast.metal_kernel(**common)
-        elif backend == "cuda":  # on-disk cubin cache in front (cuda_cache.py)
-            k = cuda_cache.wrap(mx.fast.cuda_kernel(**common), **common)
-        else:
+        k = custom_kernel(backend, **common)
+        if k is None:
             raise Unsupported(f"no fused kernels for backend '{backend}'")
         _KERNEL_OBJECTS[key] = k
     return k

@@ -37,8 +37,7 @@ import os
 import mlx.core as mx
 
 from ...experts import combine as combine_ops
-from .. import cuda_cache
-from ..common import ACT_IDS, gpu_backend
+from ..common import ACT_IDS, custom_kernel, gpu_backend
 from . import sources
 from .sources import BK, BM, BN, COMBINE_THREADS, KERNEL_SPECS, PLAN_THREADS, THREADS
 
@@ -131,8 +130,8 @@ def _mlx_kernel(platform, kernel, bk=32):
     if (platform, kernel, bk) not in _KERNELS:
         header, source = sources.emit(platform, kernel, bk)
         _, inputs, outputs, _ = KERNEL_SPECS[kernel]
-        make = mx.fast.cuda_kernel if platform == "cuda" else mx.fast.metal_kernel
-        spec = dict(
+        _KERNELS[platform, kernel, bk] = custom_kernel(
+            platform,
             name=f"mlx_moe_prefill_{kernel}_bk{bk}",
             input_names=inputs,
             output_names=outputs,
@@ -140,9 +139,6 @@ def _mlx_kernel(platform, kernel, bk=32):
             header=header,
             ensure_row_contiguous=True,
         )
-        k = make(**spec)
-        # on-disk cubin cache in front (cuda_cache.py)
-        _KERNELS[platform, kernel, bk] = cuda_cache.wrap(k, **spec) if platform == "cuda" else k
     return _KERNELS[platform, kernel, bk]
 
 

@@ -20,8 +20,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 
 from ...routing import GroupLimitedGate, SoftmaxTopK, TopKSoftmax
-from .. import cuda_cache
-from ..common import gpu_backend, pow2_ceil
+from ..common import custom_kernel, gpu_backend, pow2_ceil
 from ..fused.backend import XK_IDS, Unsupported, _check_in_dim, proj_format
 from ..fused.sources import minify
 from . import sources
@@ -49,11 +48,8 @@ def kernel_object(backend: str):
             header=minify(sources.header(backend)),
             ensure_row_contiguous=True,
         )
-        if backend == "metal":
-            k = mx.fast.metal_kernel(**common)
-        elif backend == "cuda":  # on-disk cubin cache in front (cuda_cache.py)
-            k = cuda_cache.wrap(mx.fast.cuda_kernel(**common), **common)
-        else:
+        k = custom_kernel(backend, **common)
+        if k is None:
             raise Unsupported(f"no router kernel for backend '{backend}'")
         _KERNEL_OBJECTS[backend] = k
     return k
