@@ -16,9 +16,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from .common import fmt_range, gen_rate, interleaved_order, ratio_stats, release_memory, sample_stats
-from .e2e import build_pair, plan_model
-from .sysinfo import memory_budget
+from .common import fmt_range, interleaved_order, ratio_stats, release_memory, sample_stats
+from .e2e import build_pair, planned_models
 
 DEFAULT_PROMPT = [64]
 DEFAULT_NEW_TOKENS = 64
@@ -86,33 +85,25 @@ def bench_batch_size(models: dict, B: int, args, vocab: int) -> dict:
 
 
 def bench_batch(args, log) -> dict:
-    mem = memory_budget()
-    rate = gen_rate(args.dtype)
     results = []
-    for name in args.config:
-        for bits in args.bits:
-            tag = plan_model(name, bits, args, rate, mem)
-            if "skipped" in tag:
-                log(f"[batch] skipped {name} q{bits}: {tag['skipped']}")
-                results.append(tag)
-                continue
-            log(f"[batch] {name} q{bits}: building ({tag['weights_gb']:.2f} GB, est {tag['build_est_s']:.0f} s)")
-            try:
-                ours, twin, build_s = build_pair(name, bits, args)
-            except Exception as e:
-                log(f"[batch] {name} q{bits}: ERROR {_error(e)}")
-                results.append({**tag, "skipped": f"error: {_error(e)}"})
-                continue
-            res = {**tag, "build_s": build_s, "sizes": []}
-            for B in args.batch:
-                r = bench_batch_size({"ours": ours, "mlx-lm": twin}, B, args, tag["vocab_size"])
-                res["sizes"].append(r)
-                log(f"[batch] {name} q{bits} B={B}: " + ", ".join(
-                    f"{k} {fmt_range(v['tok_s'])} tok/s" if "tok_s" in v else f"{k} ERROR {v['error']}"
-                    for k, v in r["impls"].items()))
-            results.append(res)
-            del ours, twin
-            release_memory()
+    for name, bits, tag in planned_models(args, log, "batch", results):
+        log(f"[batch] {name} q{bits}: building ({tag['weights_gb']:.2f} GB, est {tag['build_est_s']:.0f} s)")
+        try:
+            ours, twin, build_s = build_pair(name, bits, args)
+        except Exception as e:
+            log(f"[batch] {name} q{bits}: ERROR {_error(e)}")
+            results.append({**tag, "skipped": f"error: {_error(e)}"})
+            continue
+        res = {**tag, "build_s": build_s, "sizes": []}
+        for B in args.batch:
+            r = bench_batch_size({"ours": ours, "mlx-lm": twin}, B, args, tag["vocab_size"])
+            res["sizes"].append(r)
+            log(f"[batch] {name} q{bits} B={B}: " + ", ".join(
+                f"{k} {fmt_range(v['tok_s'])} tok/s" if "tok_s" in v else f"{k} ERROR {v['error']}"
+                for k, v in r["impls"].items()))
+        results.append(res)
+        del ours, twin
+        release_memory()
     return {
         "results": results,
         "definitions": {

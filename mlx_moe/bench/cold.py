@@ -25,9 +25,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from .common import gen_rate
-from .e2e import build_pair, plan_model, prefill
-from .sysinfo import memory_budget
+from .e2e import build_pair, planned_models, prefill
 
 # The hidden subcommand of ``python -m mlx_moe.bench`` that runs cold_child.
 CHILD_COMMAND = "_cold_child"
@@ -129,19 +127,11 @@ def bench_cold_config(name: str, bits: int, args, timeout: float, log) -> dict:
 
 
 def bench_cold(args, log) -> dict:
-    mem = memory_budget()
-    rate = gen_rate(args.dtype)
     results = []
-    for name in args.config:
-        for bits in args.bits:
-            tag = plan_model(name, bits, args, rate, mem)
-            if "skipped" in tag:
-                log(f"[cold] skipped {name} q{bits}: {tag['skipped']}")
-                results.append(tag)
-                continue
-            # The child builds the model, then compiles and runs one prefill and step.
-            timeout = args.cold_timeout or 120 + 4 * tag["build_est_s"]
-            results.append({**tag, "timeout_s": timeout, **bench_cold_config(name, bits, args, timeout, log)})
+    for name, bits, tag in planned_models(args, log, "cold", results):
+        # The child builds the model, then compiles and runs one prefill and step.
+        timeout = args.cold_timeout or 120 + 4 * tag["build_est_s"]
+        results.append({**tag, "timeout_s": timeout, **bench_cold_config(name, bits, args, timeout, log)})
     return {
         "results": results,
         "prompt_tokens": PROMPT_TOKENS,

@@ -103,6 +103,20 @@ def plan_model(name: str, bits: int, args, rate: float, mem: int) -> dict:
     return tag
 
 
+def planned_models(args, log, label: str, results: list):
+    """``(name, bits, tag)`` for each ``--config`` x ``--bits`` that fits here
+    (``plan_model``); the others are logged and appended to ``results`` as skipped."""
+    mem, rate = memory_budget(), gen_rate(args.dtype)
+    for name in args.config:
+        for bits in args.bits:
+            tag = plan_model(name, bits, args, rate, mem)
+            if "skipped" in tag:
+                log(f"[{label}] skipped {name} q{bits}: {tag['skipped']}")
+                results.append(tag)
+                continue
+            yield name, bits, tag
+
+
 def build_pair(name: str, bits: int, args):
     """Our random model for config ``name`` and mlx-lm's twin holding the same
     arrays; returns ``(ours, twin, build seconds)``."""
