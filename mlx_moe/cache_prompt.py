@@ -12,8 +12,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 
-from .cli import UsageError, add_quantize_args, add_verbose, checked, dash_values, quantize_spec, run
-from .experts import BACKENDS
+from .cli import UsageError, add_backend_arg, add_quantize_args, add_verbose, checked, dash_values, quantize_spec, run
 from .generate import DEFAULT_QUANTIZED_KV_START, KV_BITS, KV_GROUP_SIZES, add_eos_token, read_prompt
 from .loading import DEFAULT_MODEL, load
 
@@ -42,7 +41,7 @@ def build_parser():
                    default=DEFAULT_QUANTIZED_KV_START,
                    help=f"with --kv-bits, quantize from this many tokens on (default: {DEFAULT_QUANTIZED_KV_START})")
     add_quantize_args(p)
-    p.add_argument("--backend", default="auto", help="MoE backend: auto, gather, loop, fused, ...")
+    add_backend_arg(p)
     add_verbose(p)
     return p
 
@@ -51,9 +50,6 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(dash_values(parser, sys.argv[1:] if argv is None else list(argv)))
     quantize = quantize_spec(parser, args)
-    if args.backend != "auto" and args.backend not in BACKENDS:
-        parser.error(f"argument --backend: unknown MoE backend {args.backend!r}; "
-                     f"available: auto, {', '.join(sorted(BACKENDS))}")
     if args.kv_bits is not None and args.max_kv_size is not None:
         parser.error("argument --kv-bits: a rotating cache (--max-kv-size) cannot be quantized")
     out = Path(args.prompt_cache_file)

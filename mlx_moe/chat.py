@@ -37,7 +37,7 @@ def build_parser():
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     cli.add_quantize_args(p)
-    p.add_argument("--backend", default="auto")
+    cli.add_backend_arg(p)
     p.add_argument("--expert-budget", default=None, metavar="GB|N%",
                    help="keep only this much of the routed experts in memory (docs/OFFLOAD.md)")
     p.add_argument("--chat-template-args", default=None, metavar="JSON",

@@ -93,6 +93,21 @@ def add_quantize_args(parser, what="quantize while loading"):
                         help="quantization mode (default: affine)" + implies)
 
 
+def add_backend_arg(parser):
+    """``--backend``, checked against the registered expert backends as it is parsed."""
+    parser.add_argument("--backend", default="auto", type=_backend,
+                        help="MoE backend: auto (default), gather, loop, fused, prefill")
+
+
+def _backend(name: str) -> str:
+    from .experts import BACKENDS  # lazy: keeps this module light, like QuantSpec below
+
+    if name != "auto" and name not in BACKENDS:
+        raise argparse.ArgumentTypeError(
+            f"unknown MoE backend {name!r}; available: auto, {', '.join(sorted(BACKENDS))}")
+    return name
+
+
 def quantize_spec(parser, args):
     """The ``quantize`` dict of :func:`add_quantize_args`' flags (None without any),
     checked now: an unsupported combination is an argparse error naming the flag."""

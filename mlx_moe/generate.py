@@ -12,8 +12,7 @@ from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from . import offload
-from .cli import VERBOSE_HELP, UsageError, add_quantize_args, checked, dash_values, quantize_spec, run
-from .experts import BACKENDS
+from .cli import VERBOSE_HELP, UsageError, add_backend_arg, add_quantize_args, checked, dash_values, quantize_spec, run
 from .loading import DEFAULT_MODEL, load
 from .offload.loader import parse_budget
 
@@ -118,7 +117,7 @@ def build_parser():
     p.add_argument("--num-draft-tokens", type=checked(int, lambda v: v >= 1, "a whole number >= 1"), default=3,
                    help="tokens the draft model proposes per step (default: 3)")
     add_quantize_args(p)
-    p.add_argument("--backend", default="auto", help="MoE backend: auto, gather, loop, fused, ...")
+    add_backend_arg(p)
     p.add_argument("--parallel", choices=("ep", "tp", "ep+tp"), default=None,
                    help="under mlx.launch: ep = expert parallel (each rank holds E/N routed experts), "
                         "tp = tensor parallel (mlx-lm's shard()), ep+tp = both; rank 0 prints "
@@ -277,9 +276,6 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(dash_values(parser, sys.argv[1:] if argv is None else list(argv)))
     quantize = quantize_spec(parser, args)
-    if args.backend != "auto" and args.backend not in BACKENDS:
-        parser.error(f"argument --backend: unknown MoE backend {args.backend!r}; "
-                     f"available: auto, {', '.join(sorted(BACKENDS))}")
     check_combinations(parser, args)
     if args.profile is not None:
         from .profile import check_output

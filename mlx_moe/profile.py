@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from .cli import (UsageError, add_quantize_args, add_verbose, checked, dash_values, message, positive_int,
+from .cli import (UsageError, add_backend_arg, add_quantize_args, add_verbose, checked, dash_values, message, positive_int,
                   quantize_spec, run)
 
 PROG = "mlx_moe.profile"
@@ -556,7 +556,7 @@ def build_parser():
     p.add_argument("--time-every", type=checked(int, lambda v: v >= 0, "a whole number >= 0"), default=0, metavar="N",
                    help="time every N-th decode step split into router, experts, attention and the rest, "
                         "with an evaluation at each boundary (slower than a plain step); 0: off (default)")
-    p.add_argument("--backend", default="auto", help="MoE backend: auto, gather, loop, ...")
+    add_backend_arg(p)
     add_quantize_args(p)
     add_verbose(p)
     return p

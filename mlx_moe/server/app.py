@@ -44,7 +44,7 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=cli.checked(int, lambda v: 0 <= v < 65536, "a port number (0-65535)"), default=8080, help="port (default: 8080; 0 = any free port)")
     cli.add_quantize_args(p)
-    p.add_argument("--backend", default="auto", help="MoE backend: auto, gather, loop, fused, ...")
+    cli.add_backend_arg(p)
     p.add_argument("--expert-budget", default=None, metavar="GB|N%",
                    help="keep only this much of the routed experts in memory (docs/OFFLOAD.md)")
     p.add_argument("--max-batch", type=cli.positive_int, default=16, help="most sequences decoded together (default: 16)")
