@@ -13,7 +13,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 
 from .cli import UsageError, add_backend_arg, add_quantize_args, add_verbose, checked, dash_values, quantize_spec, run
-from .generate import DEFAULT_QUANTIZED_KV_START, KV_BITS, KV_GROUP_SIZES, add_eos_token, read_prompt
+from .generate import add_eos_token, add_kv_quantize_args, read_prompt
 from .loading import DEFAULT_MODEL, load
 
 PROG = "mlx_moe.cache_prompt"
@@ -33,13 +33,7 @@ def build_parser():
                    help="the .safetensors file to save the cache in")
     p.add_argument("--prompt", "-p", required=True,
                    help="the prompt, or '-' to read stdin")
-    p.add_argument("--kv-bits", type=checked(int, lambda v: v in KV_BITS, "one of 2, 3, 4, 5, 6, 8"), default=None,
-                   help="quantize the KV cache to this many bits (default: not quantized)")
-    p.add_argument("--kv-group-size", type=checked(int, lambda v: v in KV_GROUP_SIZES, "one of 32, 64, 128"),
-                   default=64, help="group size of KV cache quantization (default: 64)")
-    p.add_argument("--quantized-kv-start", type=checked(int, lambda v: v >= 0, "a whole number >= 0"),
-                   default=DEFAULT_QUANTIZED_KV_START,
-                   help=f"with --kv-bits, quantize from this many tokens on (default: {DEFAULT_QUANTIZED_KV_START})")
+    add_kv_quantize_args(p)
     add_quantize_args(p)
     add_backend_arg(p)
     add_verbose(p)

@@ -68,6 +68,17 @@ def budget(text):
     return text
 
 
+def add_kv_quantize_args(p):
+    """``--kv-bits``, ``--kv-group-size``, ``--quantized-kv-start`` as mlx-lm (generate and cache_prompt)."""
+    p.add_argument("--kv-bits", type=checked(int, lambda v: v in KV_BITS, "one of 2, 3, 4, 5, 6, 8"), default=None,
+                   help="quantize the KV cache to this many bits (default: not quantized)")
+    p.add_argument("--kv-group-size", type=checked(int, lambda v: v in KV_GROUP_SIZES, "one of 32, 64, 128"),
+                   default=64, help="group size of KV cache quantization (default: 64)")
+    p.add_argument("--quantized-kv-start", type=checked(int, lambda v: v >= 0, "a whole number >= 0"),
+                   default=DEFAULT_QUANTIZED_KV_START,
+                   help=f"with --kv-bits, quantize the KV cache from this many tokens on (default: {DEFAULT_QUANTIZED_KV_START})")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EPILOG)
     p.add_argument("--model", default=None, help=f"local folder or Hugging Face repo id owner/name (default: the tiny model shipped in {DEFAULT_MODEL.name}/)")
@@ -99,13 +110,7 @@ def build_parser():
                    help="more tokens (text or id) that stop generation")
     p.add_argument("--max-kv-size", type=checked(int, lambda v: v >= 1, "a whole number >= 1"), default=None,
                    help="bound the KV cache to this many tokens (a rotating cache that keeps the first 4)")
-    p.add_argument("--kv-bits", type=checked(int, lambda v: v in KV_BITS, "one of 2, 3, 4, 5, 6, 8"), default=None,
-                   help="quantize the KV cache to this many bits (default: not quantized)")
-    p.add_argument("--kv-group-size", type=checked(int, lambda v: v in KV_GROUP_SIZES, "one of 32, 64, 128"),
-                   default=64, help="group size of KV cache quantization (default: 64)")
-    p.add_argument("--quantized-kv-start", type=checked(int, lambda v: v >= 0, "a whole number >= 0"),
-                   default=DEFAULT_QUANTIZED_KV_START,
-                   help=f"with --kv-bits, quantize the KV cache from this many tokens on (default: {DEFAULT_QUANTIZED_KV_START})")
+    add_kv_quantize_args(p)
     p.add_argument("--prompt-cache-file", default=None, metavar="FILE",
                    help="a KV cache saved by mlx_moe.cache_prompt (or mlx_lm.cache_prompt): the prompt continues it")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
