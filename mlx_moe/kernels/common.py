@@ -40,6 +40,16 @@ def pow2_ceil(n: int) -> int:
     return p
 
 
+def off_gpu_reason(what: str) -> Optional[str]:
+    """Why ``what`` (a kernel family) cannot run here, if the GPU is missing or not
+    the default device; None when it is."""
+    if gpu_backend() is None:
+        return f"{what} needs an MLX GPU backend (Metal or CUDA); none is available"
+    if mx.default_device() != mx.gpu:
+        return f"{what} runs on the GPU; the default device is {mx.default_device()}"
+    return None
+
+
 def custom_kernel(backend: str, **spec):
     """The ``mx.fast`` kernel object for ``backend`` ("metal" or "cuda"; CUDA ones
     behind the on-disk cubin cache of ``cuda_cache``), or None for another backend."""

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-from ..common import ACT_IDS, custom_kernel, gpu_backend, pow2_ceil
+from ..common import ACT_IDS, custom_kernel, gpu_backend, off_gpu_reason, pow2_ceil
 from . import sources
 
 MAX_TOKENS = 8
@@ -261,11 +261,9 @@ def reset_tuning():
 
 def why_not(experts, x, ids) -> Optional[str]:
     """None when the fused backend can run this call here, else the reason."""
-    backend = gpu_backend()
-    if backend is None:
-        return "the fused MoE backend needs an MLX GPU backend (Metal or CUDA); none is available"
-    if mx.default_device() != mx.gpu:
-        return f"the fused MoE backend runs on the GPU; the default device is {mx.default_device()}"
+    reason = off_gpu_reason("the fused MoE backend")
+    if reason is not None:
+        return reason
     try:
         plan(experts, x, ids)
     except Unsupported as e:

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 
 from ...routing import GroupLimitedGate, SoftmaxTopK, TopKSoftmax
-from ..common import custom_kernel, gpu_backend, pow2_ceil
+from ..common import custom_kernel, gpu_backend, off_gpu_reason, pow2_ceil
 from ..fused.backend import XK_IDS, Unsupported, _check_in_dim, proj_format
 from ..fused.sources import minify
 from . import sources
@@ -143,10 +143,9 @@ def why_not(gate, router, x) -> Optional[str]:
     """None when the router kernel runs this call here, else the reason."""
     if not ENABLED:
         return "the router kernel is disabled (mlx_moe.kernels.router.backend.ENABLED)"
-    if gpu_backend() is None:
-        return "the router kernel needs an MLX GPU backend (Metal or CUDA)"
-    if mx.default_device() != mx.gpu:
-        return f"the router kernel runs on the GPU; the default device is {mx.default_device()}"
+    reason = off_gpu_reason("the router kernel")
+    if reason is not None:
+        return reason
     if x.ndim == 0 or x.size > MAX_TOKENS * x.shape[-1]:
         return f"the router kernel is for decode (<= {MAX_TOKENS} tokens)"
     try:
