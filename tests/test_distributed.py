@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -81,22 +80,13 @@ def worker(spec_file):
 
 # ---------------------------------------------------------------- launching
 
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from mlx_moe.distributed.group import free_ports, write_local_hostfile  # noqa: E402
 
 
 def start(tmp_path, commands, env=None, tag="run"):
     """One process per rank (``commands[r]``), ring over 127.0.0.1; stdout/stderr to files."""
     n = len(commands)
-    hostfile = tmp_path / f"{tag}-hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    hostfile = write_local_hostfile(tmp_path / f"{tag}-hosts.json", n)
     procs = []
     for r, cmd in enumerate(commands):
         e = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(REPO),

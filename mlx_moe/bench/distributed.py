@@ -12,27 +12,18 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ..distributed.group import write_local_hostfile
+
 CHILD = "--child"
 NOTE = ("CPU loopback: the ranks share this machine's cores and memory, so these figures measure the "
         "overhead of communication and the per-rank memory, not the speed-up of N machines "
         "(a change in tok/s here also reflects how the ranks share the cores).")
-
-
-def _ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def child(spec_file):
@@ -80,8 +71,7 @@ def run_n(args, n, parallel, tmp):
     spec.write_text(json.dumps({"n": n, "parallel": parallel, "model": args.model, "tokens": args.tokens,
                                 "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
                                 "out": str(out)}))
-    hostfile = Path(tmp) / f"hosts-{n}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _ports(n)]))
+    hostfile = write_local_hostfile(Path(tmp) / f"hosts-{n}.json", n)
     procs = []
     for r in range(n):
         env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}

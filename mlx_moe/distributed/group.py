@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -213,3 +214,21 @@ def session(model):
         if "[ring]" in str(e) or "peer" in str(e):
             raise ConnectionError(f"{describe(par.group)}: {e}; another rank has died") from None
         raise
+
+
+def free_ports(n: int) -> list:
+    """``n`` TCP ports free on 127.0.0.1 right now (for local rings: tests, bench)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_local_hostfile(path, n: int) -> Path:
+    """A ring hostfile (``MLX_HOSTFILE``) for ``n`` ranks on 127.0.0.1."""
+    path = Path(path)
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    return path
